@@ -1,0 +1,172 @@
+"""Load model weights from files without running code from the file.
+
+Taming's released checkpoints are PyTorch-Lightning ``.ckpt`` files. Beside the
+``state_dict`` they pickle a ``ModelCheckpoint`` callback class (as a dict key)
+and often OmegaConf containers holding the training hyperparameters. Loading
+them with ``torch.load(weights_only=True)`` fails on those objects, and loading
+with ``weights_only=False`` would run whatever the pickle names.
+
+This module keeps ``weights_only=True`` and maps exactly those known names to
+inert stand-in classes that only store their pickled state. Any other name is
+rejected before unpickling starts. Safetensors files and plain state dicts load
+as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import zipfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file as load_safetensors
+from torch import Tensor
+
+from generator.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+# Globals found beside the weights in taming and Lightning checkpoints. None of
+# them is needed to read the weights, so each is replaced by a stand-in.
+STAND_IN_GLOBALS = frozenset(
+    {
+        "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+        "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint",
+        "omegaconf.dictconfig.DictConfig",
+        "omegaconf.listconfig.ListConfig",
+        "omegaconf.nodes.AnyNode",
+        "omegaconf.nodes.StringNode",
+        "omegaconf.nodes.IntegerNode",
+        "omegaconf.nodes.FloatNode",
+        "omegaconf.nodes.BooleanNode",
+        "omegaconf.base.Metadata",
+        "omegaconf.base.ContainerMetadata",
+        # OmegaConf records element and key types by referring to these.
+        "typing.Any",
+        "builtins.dict",
+        "builtins.list",
+        "builtins.tuple",
+        "builtins.int",
+        "builtins.float",
+        "builtins.str",
+        "builtins.bool",
+        "builtins.object",
+        "collections.defaultdict",
+    }
+)
+
+
+class InertObject:
+    """Stand-in for a pickled object that is not a weight: it stores its state and does nothing.
+
+    Creating, calling or restoring it never runs code named by the checkpoint.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+        self.kwargs = kwargs
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<stand-in for {type(self).__module__}.{type(self).__qualname__}>"
+
+
+def _stand_in(full_name: str) -> type[InertObject]:
+    module, _, qualname = full_name.rpartition(".")
+    return type(qualname, (InertObject,), {"__module__": module, "__qualname__": qualname})
+
+
+_STAND_INS: dict[str, type[InertObject]] = {name: _stand_in(name) for name in STAND_IN_GLOBALS}
+
+
+def _corrupt(path: Path, error: BaseException) -> ModelError:
+    return ModelError(
+        f"Cannot read model file {path}: it looks corrupt or incomplete ({error}). "
+        "Delete it and download it again."
+    )
+
+
+def find_unsafe_globals(path: Path) -> list[str]:
+    """List the names pickled in a torch.save zip file that torch will not load by default."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except (
+        RuntimeError, ValueError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError,
+    ) as error:
+        raise _corrupt(path, error) from error
+
+
+def _reject_unknown(path: Path, names: Iterable[str]) -> None:
+    unknown = sorted(set(names) - STAND_IN_GLOBALS)
+    if unknown:
+        raise ModelError(
+            f"Refusing to load {path}: it contains Python objects other than weights "
+            f"({', '.join(unknown)}), and loading them could run code. Use a checkpoint "
+            "from a source you trust, or convert it to safetensors in an environment "
+            "where you can inspect it."
+        )
+
+
+def load_torch_file(path: Path) -> Any:
+    """Unpickle a torch.save file with weights_only=True and stand-ins for known extras.
+
+    Raises ModelError when the file is missing, corrupt or truncated, or names a
+    Python global outside STAND_IN_GLOBALS.
+    """
+    if zipfile.is_zipfile(path):
+        _reject_unknown(path, find_unsafe_globals(path))
+
+    allowed = [(stand_in, name) for name, stand_in in _STAND_INS.items()]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # Legacy (non-zip) files are only checked while unpickling.
+        if "global" in str(error).lower():
+            raise ModelError(
+                f"Refusing to load {path}: it contains Python objects other than weights, "
+                f"and loading them could run code ({error})."
+            ) from error
+        raise _corrupt(path, error) from error
+    except (RuntimeError, EOFError, ValueError, OSError) as error:
+        raise _corrupt(path, error) from error
+
+
+def extract_state_dict(loaded: Any, path: Path) -> dict[str, Tensor]:
+    """Return the tensors of a loaded checkpoint: its `state_dict` entry or the dict itself."""
+    state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
+    if not isinstance(state, dict) or not state:
+        raise ModelError(
+            f"{path} holds no weights: expected a state_dict, or a dict with a "
+            "'state_dict' entry, mapping parameter names to tensors."
+        )
+
+    tensors = {key: value for key, value in state.items() if isinstance(value, Tensor)}
+    if not tensors:
+        raise ModelError(f"{path} holds no tensors in its state_dict.")
+    return tensors
+
+
+def load_state_dict(path: Path) -> dict[str, Tensor]:
+    """Read the weights of a checkpoint: safetensors, a plain state_dict or a Lightning .ckpt.
+
+    Tensors are returned on the CPU. Raises ModelError for a missing, corrupt or
+    unsafe file, with the path in the message.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"Model file not found: {path}")
+
+    if path.suffix == ".safetensors":
+        try:
+            return load_safetensors(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as error:
+            raise _corrupt(path, error) from error
+
+    return extract_state_dict(load_torch_file(path), path)

@@ -1,0 +1,229 @@
+"""Load CLIP models through open_clip and encode text and images with them.
+
+A CLIP is named by a spec ``MODEL/PRETRAINED``: MODEL is an open_clip
+architecture (``ViT-B-32``) and PRETRAINED is either an open_clip tag
+(``openai``, ``laion2b_s34b_b79k``) or the path of a weights file
+(``ViT-B-32//models/clip.safetensors``, ``ViT-B-32/weights/clip.pt``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from generator.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+# Prefixes that make open_clip read the config and weights from elsewhere.
+_SCHEMA_PREFIXES = ("hf-hub:", "local-dir:")
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """A parsed ``MODEL/PRETRAINED`` string. `weights_path` is set for local weights."""
+
+    spec: str
+    model: str
+    pretrained: str | None
+    weights_path: Path | None
+
+
+def parse_clip_spec(spec: str) -> ClipSpec:
+    """Split ``MODEL/PRETRAINED`` into its parts and decide whether PRETRAINED is a path.
+
+    PRETRAINED is a path when it contains a ``/`` or names an existing file;
+    otherwise it is an open_clip tag. Raises ModelError for a malformed spec.
+    """
+    spec = spec.strip()
+    if spec.startswith(_SCHEMA_PREFIXES):
+        return ClipSpec(spec, spec, None, None)
+
+    model, sep, pretrained = spec.partition("/")
+    if not sep or not model or not pretrained:
+        raise ModelError(
+            f"Invalid CLIP model {spec!r}: write MODEL/PRETRAINED, for example "
+            "'ViT-B-32/openai' or 'ViT-B-32/path/to/weights.safetensors'."
+        )
+
+    if "/" in pretrained or os.sep in pretrained or Path(pretrained).is_file():
+        return ClipSpec(spec, model, pretrained, Path(pretrained).expanduser())
+    return ClipSpec(spec, model, pretrained, None)
+
+
+class Clip:
+    """A frozen open_clip model with its tokenizer and image normalisation.
+
+    Attributes:
+        model: the open_clip model, in eval mode with requires_grad False.
+        tokenizer: callable turning a list of strings into a (N, context_length) token tensor.
+        input_size: side of the square input image in pixels.
+        mean, std: per-channel normalisation applied to images in [0, 1].
+        name: the spec the model was loaded from.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: open_clip.tokenizer.SimpleTokenizer,
+        name: str,
+        input_size: int,
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.input_size = input_size
+        self.mean = mean
+        self.std = std
+
+    def __repr__(self) -> str:
+        return f"Clip({self.name!r}, input_size={self.input_size})"
+
+    @property
+    def device(self) -> torch.device:
+        """Device holding the model's weights."""
+        return next(self.model.parameters()).device
+
+    def encode_text(self, texts: list[str]) -> Tensor:
+        """Embed texts; return an L2-normalised (len(texts), embed_dim) tensor."""
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        return F.normalize(self.model.encode_text(tokens), dim=-1)
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        """Embed images (N, 3, input_size, input_size) already normalised with mean and std.
+
+        Returns an L2-normalised (N, embed_dim) tensor. Gradients flow to `images`.
+        """
+        return F.normalize(self.model.encode_image(images), dim=-1)
+
+
+def _register_local_config(spec: ClipSpec) -> None:
+    """Register ``<weights dir>/<MODEL>.json`` with open_clip when MODEL is not built in."""
+    if spec.model in open_clip.list_models() or spec.weights_path is None:
+        return
+
+    config_path = spec.weights_path.parent / f"{spec.model}.json"
+    if not config_path.is_file():
+        raise ModelError(
+            f"Unknown CLIP architecture {spec.model!r} in {spec.spec!r}: open_clip has no "
+            f"config of that name and there is no {config_path}. Use a built-in name such as "
+            "ViT-B-32, ViT-B-16 or ViT-L-14, or put the model's JSON config beside the weights."
+        )
+    open_clip.add_model_config(config_path)
+    if spec.model not in open_clip.list_models():
+        raise ModelError(
+            f"{config_path} is not a valid open_clip model config: it needs the keys "
+            "'embed_dim', 'vision_cfg' and 'text_cfg'."
+        )
+
+
+def _quick_gelu_for_tag(spec: ClipSpec) -> bool:
+    """Check that the tag exists for the model; return whether its weights need QuickGELU."""
+    if spec.model not in open_clip.list_models():
+        raise ModelError(
+            f"Unknown CLIP architecture {spec.model!r} in {spec.spec!r}. "
+            "Examples of valid names: ViT-B-32, ViT-B-16, ViT-L-14, RN50 "
+            f"({len(open_clip.list_models())} in all, see open_clip.list_models())."
+        )
+    tags = open_clip.list_pretrained_tags_by_model(spec.model)
+    if spec.pretrained not in tags:
+        raise ModelError(
+            f"Unknown pretrained tag {spec.pretrained!r} for CLIP {spec.model!r}. "
+            f"Valid tags: {', '.join(tags) or 'none'}; or give the path of a weights file."
+        )
+    # OpenAI's weights were trained with QuickGELU; building plain GELU only warns
+    # and gives subtly wrong embeddings.
+    return bool(open_clip.get_pretrained_cfg(spec.model, spec.pretrained).get("quick_gelu"))
+
+
+def _create_model(spec: ClipSpec, device: torch.device, models_dir: Path | None) -> nn.Module:
+    if spec.weights_path is not None:
+        if not spec.weights_path.is_file():
+            raise ModelError(
+                f"CLIP weights file not found: {spec.weights_path} (from {spec.spec!r})."
+            )
+        _register_local_config(spec)
+        pretrained, quick_gelu = str(spec.weights_path), False
+    elif spec.pretrained is None:
+        pretrained, quick_gelu = None, False
+    else:
+        pretrained, quick_gelu = spec.pretrained, _quick_gelu_for_tag(spec)
+
+    cache_dir = str(models_dir) if models_dir is not None else None
+    try:
+        return open_clip.create_model(
+            spec.model,
+            pretrained=pretrained,
+            device=device,
+            force_quick_gelu=quick_gelu,
+            cache_dir=cache_dir,
+        )
+    except (RuntimeError, OSError, ValueError, KeyError) as error:
+        raise ModelError(_creation_failure(spec, models_dir, error)) from error
+
+
+def _creation_failure(spec: ClipSpec, models_dir: Path | None, error: BaseException) -> str:
+    if spec.weights_path is not None:
+        return (
+            f"Cannot load CLIP weights {spec.weights_path} for {spec.model!r}: {error}. "
+            "Check that the file is complete and matches the architecture."
+        )
+    place = models_dir if models_dir is not None else "the open_clip cache"
+    return (
+        f"Cannot get CLIP {spec.spec!r}: {error}. Downloads go to {place}. Without network "
+        "access, download the weights elsewhere (for OpenAI ViT-B-32, the file "
+        "open_clip_model.safetensors of the Hugging Face repository "
+        "timm/vit_base_patch32_clip_224.openai), copy the file here and use "
+        f"'{spec.model}-quickgelu/PATH' for OpenAI weights or '{spec.model}/PATH' for others."
+    )
+
+
+def load_clip(
+    spec: str, device: str | torch.device = "cpu", models_dir: Path | None = None
+) -> Clip:
+    """Load a frozen CLIP from a ``MODEL/PRETRAINED`` spec.
+
+    Args:
+        spec: ``MODEL/TAG`` (downloaded into `models_dir` when missing) or
+            ``MODEL/PATH`` (a local weights file; a JSON config ``MODEL.json``
+            beside it is registered when open_clip does not know MODEL).
+        device: where to put the model.
+        models_dir: download cache for tagged weights; open_clip's default when None.
+
+    Returns:
+        A Clip in eval mode with gradients disabled for its parameters.
+
+    Raises:
+        ModelError: malformed spec, unknown model or tag, missing or broken weights,
+            or a failed download.
+
+    NOTE: QuickGELU is switched on only for tags whose open_clip metadata asks for
+    it. For OpenAI weights from a local file, name the ``-quickgelu`` config.
+    """
+    parsed = parse_clip_spec(spec)
+    device = torch.device(device)
+    model = _create_model(parsed, device, models_dir)
+    model.eval().requires_grad_(False)
+
+    preprocess = open_clip.get_model_preprocess_cfg(model)
+    size = preprocess.get("size", 224)
+    input_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    tokenizer = open_clip.get_tokenizer(parsed.model if parsed.pretrained else parsed.spec)
+    logger.info("Loaded CLIP %s on %s (input %d px)", spec, device, input_size)
+    return Clip(
+        model=model,
+        tokenizer=tokenizer,
+        name=spec,
+        input_size=input_size,
+        mean=tuple(float(m) for m in preprocess["mean"]),
+        std=tuple(float(s) for s in preprocess["std"]),
+    )
