@@ -27,6 +27,7 @@ from generator import registry
 from generator.checkpoint import load_state_dict
 from generator.clip import Clip, load_clip
 from generator.errors import ModelError
+from generator.registry import default_models_dir
 from generator.vqgan import VQGAN, VQGANConfig
 
 __all__ = [
@@ -45,17 +46,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MODELS_DIR_VARIABLE = "IMAGINE_MODELS_DIR"
 CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".safetensors")
 CONFIG_SUFFIXES = (".yaml", ".yml")
 # State-dict prefixes that encoding and decoding use; `loss.*` and anything else is skipped.
 VQGAN_PREFIXES = ("encoder.", "decoder.", "quantize.", "quant_conv.", "post_quant_conv.")
 CACHE_SUBDIR = "cache"
-
-
-def default_models_dir() -> Path:
-    """Return $IMAGINE_MODELS_DIR, or ``data/models`` under the current directory."""
-    return Path(os.environ.get(MODELS_DIR_VARIABLE, "data/models")).expanduser()
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:

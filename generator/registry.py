@@ -14,6 +14,7 @@ beside it as ``<models_dir>/NAME.yaml``, the same layout a local path uses.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -23,11 +24,17 @@ from typing import Any
 from generator.errors import ModelError
 
 REGISTRY_PATH = Path(__file__).with_name("registry.json")
+MODELS_DIR_VARIABLE = "IMAGINE_MODELS_DIR"
 
 FILE_KINDS = ("config", "checkpoint")
 FILE_SUFFIXES = {"config": ".yaml", "checkpoint": ".ckpt"}
 CHECKABLE_FIELDS = frozenset({"size", "sha256"})
 _SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+
+
+def default_models_dir() -> Path:
+    """Return $IMAGINE_MODELS_DIR, or ``data/models`` under the current directory."""
+    return Path(os.environ.get(MODELS_DIR_VARIABLE, "data/models")).expanduser()
 
 
 @dataclass(frozen=True)
