@@ -149,7 +149,7 @@ def extract_state_dict(loaded: Any, path: Path) -> dict[str, Tensor]:
 
     tensors = {key: value for key, value in state.items() if isinstance(value, Tensor)}
     if not tensors:
-        raise ModelError(f"{path} holds no tensors in its state_dict.")
+        raise ModelError(f"{path} holds no weights: its state_dict contains no tensors.")
     return tensors
 
 

@@ -167,7 +167,8 @@ def _create_model(spec: ClipSpec, device: torch.device, models_dir: Path | None)
             force_quick_gelu=quick_gelu,
             cache_dir=cache_dir,
         )
-    except (RuntimeError, OSError, ValueError, KeyError) as error:
+    # open_clip reports some mismatched weights with `assert`.
+    except (RuntimeError, OSError, ValueError, KeyError, AssertionError) as error:
         raise ModelError(_creation_failure(spec, models_dir, error)) from error
 
 

@@ -128,7 +128,10 @@ def read_registry(path: Path = REGISTRY_PATH) -> tuple[str, dict[str, ModelEntry
     except (OSError, json.JSONDecodeError) as error:
         raise ModelError(f"Cannot read the model registry {path}: {error}") from error
 
-    entries = {name: _parse_entry(name, entry) for name, entry in data["models"].items()}
+    try:
+        entries = {name: _parse_entry(name, entry) for name, entry in data["models"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise ModelError(f"The model registry {path} is malformed: {error!r}") from error
     default = data.get("default")
     if default not in entries:
         raise ModelError(f"The model registry {path} names an unknown default model {default!r}.")
