@@ -8,6 +8,8 @@ only parses prompts and builds requests never imports torch.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 from generator.prompts import Prompt, PromptError, check_prompt_length, parse_prompts
@@ -76,6 +78,24 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(module_name), name)
     globals()[name] = value
     return value
+
+
+class _Package(types.ModuleType):
+    """The package module, keeping ``generator.generate`` the function.
+
+    Importing the submodule ``generator.generate`` makes Python set the package
+    attribute ``generate`` to that module. The function is stored instead, so
+    ``from generator import generate`` returns the function in any import
+    order. ``from generator.generate import ...`` still reaches the module.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "generate" and isinstance(value, types.ModuleType):
+            value = value.generate
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __dir__() -> list[str]:
