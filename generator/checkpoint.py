@@ -143,13 +143,13 @@ def extract_state_dict(loaded: Any, path: Path) -> dict[str, Tensor]:
     state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
     if not isinstance(state, dict) or not state:
         raise ModelError(
-            f"{path} holds no weights: expected a state_dict, or a dict with a "
+            f"{path} contains no weights: expected a state_dict, or a dict with a "
             "'state_dict' entry, mapping parameter names to tensors."
         )
 
     tensors = {key: value for key, value in state.items() if isinstance(value, Tensor)}
     if not tensors:
-        raise ModelError(f"{path} holds no weights: its state_dict contains no tensors.")
+        raise ModelError(f"{path} contains no weights: its state_dict contains no tensors.")
     return tensors
 
 

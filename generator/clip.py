@@ -194,9 +194,10 @@ def load_clip(
     """Load a frozen CLIP from a ``MODEL/PRETRAINED`` spec.
 
     Args:
-        spec: ``MODEL/TAG`` (downloaded into `models_dir` when missing) or
-            ``MODEL/PATH`` (a local weights file; a JSON config ``MODEL.json``
-            beside it is registered when open_clip does not know MODEL).
+        spec: ``MODEL/TAG``, whose weights are downloaded into `models_dir` when
+            missing, or ``MODEL/PATH`` for a local weights file. When open_clip
+            does not know MODEL, the JSON config ``MODEL.json`` beside the file
+            is registered.
         device: where to put the model.
         models_dir: download cache for tagged weights; open_clip's default when None.
 

@@ -3,8 +3,8 @@
 Each file is fetched into ``NAME.ext.part`` and renamed into place only after its
 size and SHA-256 check out, so a file under its final name is always complete.
 An interrupted download resumes with an HTTP Range request. Mirrors are tried in
-registry order; when all fail, one ModelError lists every URL with its error and
-the exact paths to place the files by hand.
+registry order. When all of them fail, one ModelError lists every URL with its
+error and the exact paths to place the files by hand.
 """
 
 from __future__ import annotations

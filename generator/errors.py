@@ -6,6 +6,6 @@ from __future__ import annotations
 class ModelError(RuntimeError):
     """A model could not be found, downloaded or loaded.
 
-    The message is meant for people: it names the model or file, says what was
+    The message is meant for people: it names the model or file, states what was
     wrong and what to do about it.
     """

@@ -3,7 +3,7 @@
 ``load_vqgan`` takes a registry name (downloaded into models_dir when missing) or
 the path of a taming checkpoint with its YAML config beside it. ``load_clip``
 takes ``MODEL/PRETRAINED`` specs. Every failure raises ModelError with a message
-that names the file or model and says what to do.
+that names the file or model and the next step to take.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
 
 @dataclass(frozen=True)
 class VQGANFiles:
-    """Where a VQGAN's checkpoint and config live; `name` is the registry name or the file stem."""
+    """Locations of a VQGAN's checkpoint and config. `name` is the registry name or stem."""
 
     name: str
     checkpoint: Path

@@ -54,7 +54,7 @@ class RemoteFile:
         return self.model + FILE_SUFFIXES[self.kind]
 
     def is_enforced(self, field_name: str) -> bool:
-        """Whether a known value of `field_name` ("size" or "sha256") must match exactly."""
+        """Return True if a known value of `field_name` ("size" or "sha256") must match exactly."""
         return getattr(self, field_name) is not None and field_name not in self.unverified
 
 
@@ -155,7 +155,7 @@ def list_models() -> list[str]:
 
 
 def is_registered(name: str) -> bool:
-    """Whether `name` is a registered VQGAN name."""
+    """Return True if `name` is a registered VQGAN name."""
     return name in _builtin_registry()[1]
 
 

@@ -365,8 +365,8 @@ class GumbelQuantize(nn.Module):
     """Gumbel-softmax quantiser (Jang et al. 2016, "Categorical Reparameterization with
     Gumbel-Softmax"), as in taming's ``GumbelQuantize``.
 
-    A 1x1 convolution ``proj`` turns features into logits over ``n_embed`` codes and
-    ``embed`` holds the code vectors. Sampling uses torch's global RNG, in eval mode
+    A 1x1 convolution ``proj`` turns features into logits over ``n_embed`` codes, and
+    ``embed`` contains the code vectors. Sampling uses torch's global RNG, in eval mode
     too, so seed it for reproducible encodings.
     """
 
@@ -408,7 +408,7 @@ class GumbelQuantize(nn.Module):
 
 @dataclass(frozen=True)
 class VQGANConfig:
-    """What building a VQGAN needs from a taming YAML config.
+    """Settings for building a VQGAN, read from a taming YAML config.
 
     ``quantizer`` is ``"vector"`` (taming ``VQModel``) or ``"gumbel"`` (``GumbelVQ``).
     """

@@ -171,14 +171,14 @@ def test_download_resumes_after_cut_connection(server: Server, tmp_path: Path) -
     part = tmp_path / "test_model.ckpt.part"
     assert part.exists()
     assert not (tmp_path / "test_model.ckpt").exists()
-    kept = part.stat().st_size
-    assert 0 < kept <= 30_000
+    partial_size = part.stat().st_size
+    assert 0 < partial_size <= 30_000
 
     server.routes["/model.ckpt"] = Route(PAYLOAD)
     target = download_file(entry.checkpoint, entry, tmp_path, progress=False)
 
     assert target.read_bytes() == PAYLOAD
-    assert server.requests[-1] == ("/model.ckpt", f"bytes={kept}-")
+    assert server.requests[-1] == ("/model.ckpt", f"bytes={partial_size}-")
 
 
 def test_download_without_range_support(server: Server, tmp_path: Path) -> None:
@@ -244,8 +244,8 @@ def test_unverified_checksum_only_warns(
 
 def test_all_mirrors_failing_message(server: Server, tmp_path: Path) -> None:
     missing = server.url("/missing.ckpt")
-    refused = _closed_port_url()
-    entry = _entry([missing, refused], [server.url("/model.yaml")])
+    closed_port_url = _closed_port_url()
+    entry = _entry([missing, closed_port_url], [server.url("/model.yaml")])
 
     with pytest.raises(ModelError) as raised:
         download_file(entry.checkpoint, entry, tmp_path, progress=False)
@@ -253,7 +253,7 @@ def test_all_mirrors_failing_message(server: Server, tmp_path: Path) -> None:
     message = str(raised.value)
     assert "test_model" in message
     assert f"{missing}: HTTP 404" in message
-    assert f"{refused}: cannot connect" in message
+    assert f"{closed_port_url}: cannot connect" in message
     assert str((tmp_path / "test_model.ckpt").resolve()) in message
     assert str((tmp_path / "test_model.yaml").resolve()) in message
     assert PAYLOAD_SHA256 in message

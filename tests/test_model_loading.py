@@ -245,7 +245,7 @@ def test_checkpoint_without_weights(tmp_path: Path) -> None:
     empty = tmp_path / "empty.pt"
     torch.save({"epoch": 1}, empty)
 
-    with pytest.raises(ModelError, match="holds no weights"):
+    with pytest.raises(ModelError, match="contains no weights"):
         load_state_dict(empty)
 
 

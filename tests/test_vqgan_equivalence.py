@@ -1,9 +1,8 @@
 """Our VQGAN modules against taming-transformers' own, with one set of random weights.
 
-taming's ``taming.modules.*`` import with torch, numpy and einops alone; its
+taming's ``taming.modules.*`` import with torch, numpy and einops alone. Its
 ``taming.models.vqgan`` needs pytorch-lightning, so the reference VQModel's
-encode/decode (quant_conv, quantize / post_quant_conv, decoder) is composed here
-from the modules.
+encode and decode are composed here from the modules.
 """
 
 from __future__ import annotations
