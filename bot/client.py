@@ -1,0 +1,154 @@
+"""The Discord client: wires the job store, the executor, the presenter and the commands."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot import guild_config
+from bot.executor import Executor
+from bot.options import Limits
+from bot.presenter import Presenter
+from bot.settings import Settings
+from bot.store import JobStore
+from bot.views import JobButton
+
+__all__ = ["ImagineBot", "create_bot"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# discord.py waits out rate limits up to this many seconds itself, and raises RateLimited
+# for longer ones so that progress edits can drop a frame instead of stalling.
+MAX_RATELIMIT_TIMEOUT = 30.0
+
+
+class ImagineBot(commands.Bot):
+    """The imagine bot: slash commands in front of a persistent job queue.
+
+    ``setup_hook`` opens the store (applying migrations), starts the executor (which requeues
+    jobs a previous run left running), registers the persistent buttons, loads the cogs,
+    syncs the slash commands and updates the messages of the requeued jobs. ``close`` stops
+    the executor (saving the running job's state) and closes the store.
+    """
+
+    def __init__(self, settings: Settings, *, store_path: Path | None = None) -> None:
+        super().__init__(
+            command_prefix=commands.when_mentioned,
+            intents=discord.Intents.default(),
+            help_command=None,
+            # Nothing pings anyone unless a message names its requester explicitly.
+            allowed_mentions=discord.AllowedMentions.none(),
+            max_ratelimit_timeout=MAX_RATELIMIT_TIMEOUT,
+        )
+        self.settings: Settings = settings
+        self.store_path: Path = Path(store_path) if store_path else settings.database_path
+        self.store: JobStore
+        self.executor: Executor
+        self.presenter: Presenter = Presenter(self)
+
+    async def setup_hook(self) -> None:
+        self.store = await JobStore.open(self.store_path)
+        self.executor = Executor(self.store, self.settings, self.presenter)
+        recovered = await run_detached(self.executor.start())
+
+        self.add_dynamic_items(JobButton)
+        await self._load_cogs()
+        self.tree.on_error = self.on_app_command_error
+        synced = await self.tree.sync()
+        log.info("Synced %d slash commands", len(synced))
+        await self.presenter.announce_recovered(recovered)
+
+    async def _load_cogs(self) -> None:
+        from bot.cogs import config, imagine, info, queue
+
+        for module in (imagine, queue, info, config):
+            await module.setup(self)
+
+    async def close(self) -> None:
+        executor = getattr(self, "executor", None)
+        if executor is not None:
+            await executor.stop()
+        store = getattr(self, "store", None)
+        if store is not None:
+            await store.close()
+        await super().close()
+
+    # -- helpers the cogs share -------------------------------------------------------------
+
+    def is_admin(self, interaction: discord.Interaction[Any]) -> bool:
+        """Return whether the user may act on other people's jobs and change settings.
+
+        Bot owners (``IMAGINE_OWNER_IDS``) always may; in a guild, so may members with the
+        Manage Server permission.
+        """
+        if interaction.user.id in self.settings.owner_ids:
+            return True
+        return interaction.guild is not None and interaction.permissions.manage_guild
+
+    @property
+    def on_cpu(self) -> bool:
+        """Whether the generator runs on a CPU, where defaults drop to the draft preset."""
+        return self.executor.info().is_cpu
+
+    async def guild_config(self, guild_id: int | None) -> dict[str, Any]:
+        """Return the effective per-guild settings (operator defaults in direct messages)."""
+        stored = await self.store.guild_settings(guild_id) if guild_id is not None else {}
+        return guild_config.effective(stored, self.settings, self.on_cpu)
+
+    def limits(self, config: dict[str, Any]) -> Limits:
+        """Return the /imagine size and iteration limits of an effective guild config."""
+        return Limits(
+            default_size=config["default_size"],
+            max_size=config["max_size"],
+            default_iterations=config["default_iterations"],
+            max_iterations=config["max_iterations"],
+        )
+
+    async def on_app_command_error(
+        self, interaction: discord.Interaction[Any], error: app_commands.AppCommandError
+    ) -> None:
+        """Log an unexpected command failure and tell the user in one sentence."""
+        command = interaction.command.qualified_name if interaction.command else "?"
+        log.error(
+            "/%s failed for user %d in guild %s",
+            command,
+            interaction.user.id,
+            interaction.guild_id,
+            exc_info=error,
+        )
+        message = "Something went wrong on the bot's side; the error is logged. Try again later."
+        try:
+            if interaction.response.is_done():
+                await interaction.followup.send(message, ephemeral=True)
+            else:
+                await interaction.response.send_message(message, ephemeral=True)
+        except discord.HTTPException as reply_error:
+            log.warning("Could not report the failure of /%s: %s", command, reply_error)
+
+
+async def run_detached(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run ``coroutine`` as a task that starts from an empty ``contextvars`` context.
+
+    The executor's tasks live as long as the bot and wait on the worker process. Started
+    from the empty context, they inherit no context variables of the hook that created
+    them. Test harnesses such as simcord mark the work of a bot's event handlers with a
+    context variable and wait for it to settle, which these tasks never do.
+    """
+    loop = asyncio.get_running_loop()
+    task = contextvars.Context().run(loop.create_task, coroutine)
+    return await task
+
+
+def create_bot(settings: Settings, *, store_path: Path | None = None) -> ImagineBot:
+    """Build the bot. ``store_path`` overrides the database file in ``settings.data_dir``."""
+    return ImagineBot(settings, store_path=store_path)

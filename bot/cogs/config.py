@@ -1,0 +1,141 @@
+"""/config show | set | reset: per-guild settings for members with Manage Server."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot import guild_config
+from bot.guild_config import CONFIG_KEYS, ConfigError
+
+if TYPE_CHECKING:
+    from bot.client import ImagineBot
+
+__all__ = ["ConfigCog", "setup"]
+
+log = logging.getLogger(__name__)
+
+NOT_ALLOWED = "Changing imagine's settings needs the Manage Server permission."
+
+
+@app_commands.default_permissions(manage_guild=True)
+@app_commands.guild_only()
+class ConfigCog(
+    commands.GroupCog,
+    group_name="config",
+    group_description="Show or change imagine's settings for this server",
+):
+    """Per-guild settings. Hidden from members without Manage Server, and checked again here,
+    because a server can override who sees a command."""
+
+    def __init__(self, bot: ImagineBot) -> None:
+        self.bot: ImagineBot = bot
+        super().__init__()
+
+    async def interaction_check(self, interaction: discord.Interaction[ImagineBot]) -> bool:
+        if interaction.guild_id is not None and self.bot.is_admin(interaction):
+            return True
+        log.info(
+            "User %d was refused /config in guild %s", interaction.user.id, interaction.guild_id
+        )
+        await interaction.response.send_message(NOT_ALLOWED, ephemeral=True)
+        return False
+
+    @app_commands.command(name="show")
+    async def show(self, interaction: discord.Interaction[ImagineBot]) -> None:
+        """Show every setting of this server and its allowed values."""
+        assert interaction.guild_id is not None
+        stored = await self.bot.store.guild_settings(interaction.guild_id)
+        config = guild_config.effective(stored, self.bot.settings, self.bot.on_cpu)
+        lines = []
+        for name, key in CONFIG_KEYS.items():
+            marker = " (changed)" if name in stored else ""
+            value = guild_config.format_value(name, config[name])
+            lines.append(f"**{name}**: {value}{marker}. {self._allowed(key)}")
+        await interaction.response.send_message("\n".join(lines), ephemeral=True)
+
+    @app_commands.command(name="set")
+    @app_commands.describe(key="The setting to change", value="Its new value")
+    async def set(
+        self,
+        interaction: discord.Interaction[ImagineBot],
+        key: str,
+        value: app_commands.Range[str, 1, 2000],
+    ) -> None:
+        """Change one setting of this server."""
+        assert interaction.guild_id is not None
+        try:
+            parsed = guild_config.parse_value(key, value, self.bot.settings)
+        except ConfigError as error:
+            await interaction.response.send_message(self._with_allowed(key, error), ephemeral=True)
+            return
+        name = key.strip().lower()
+        old = await self.bot.store.set_guild_setting(interaction.guild_id, name, parsed)
+        self._log_change(interaction, name, old, parsed)
+        shown = guild_config.format_value(name, parsed)
+        await interaction.response.send_message(f"**{name}** is now {shown}.", ephemeral=True)
+
+    @app_commands.command(name="reset")
+    @app_commands.describe(key="The setting to return to its default")
+    async def reset(self, interaction: discord.Interaction[ImagineBot], key: str) -> None:
+        """Return one setting of this server to its default."""
+        assert interaction.guild_id is not None
+        name = key.strip().lower()
+        if name not in CONFIG_KEYS:
+            await interaction.response.send_message(
+                f"Unknown setting {key!r}. Settings you can reset: {', '.join(CONFIG_KEYS)}.",
+                ephemeral=True,
+            )
+            return
+        old = await self.bot.store.reset_guild_setting(interaction.guild_id, name)
+        default = guild_config.default_values(self.bot.settings, self.bot.on_cpu)[name]
+        self._log_change(interaction, name, old, default)
+        shown = guild_config.format_value(name, default)
+        await interaction.response.send_message(
+            f"**{name}** is back to its default, {shown}.", ephemeral=True
+        )
+
+    @set.autocomplete("key")
+    @reset.autocomplete("key")
+    async def key_autocomplete(
+        self, interaction: discord.Interaction[ImagineBot], current: str
+    ) -> list[app_commands.Choice[str]]:
+        return [
+            app_commands.Choice(name=name, value=name)
+            for name in CONFIG_KEYS
+            if current.lower() in name
+        ][:25]
+
+    def _allowed(self, key: guild_config.ConfigKey) -> str:
+        if key.kind == "int":
+            low, high = key.bounds(self.bot.settings)
+            unit = f" {key.unit}" if key.unit else ""
+            return f"{key.description} Allowed: {low} to {high}{unit}."
+        return key.description
+
+    def _with_allowed(self, key: str, error: ConfigError) -> str:
+        config_key = CONFIG_KEYS.get(key.strip().lower())
+        if config_key is None or config_key.kind != "int":
+            return str(error)
+        return f"{error} {config_key.description}"
+
+    def _log_change(
+        self, interaction: discord.Interaction[ImagineBot], key: str, old: Any, new: Any
+    ) -> None:
+        log.info(
+            "Guild %d: user %d changed %s from %r to %r",
+            interaction.guild_id,
+            interaction.user.id,
+            key,
+            old,
+            new,
+        )
+
+
+async def setup(bot: ImagineBot) -> None:
+    """Add /config to ``bot``, visible by default only to members with Manage Server."""
+    await bot.add_cog(ConfigCog(bot))
