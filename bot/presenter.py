@@ -51,6 +51,8 @@ CHANNEL_EDIT_PERIOD = 5.0
 # Used when a 429 response carries no usable retry_after.
 DEFAULT_RETRY_AFTER = 5.0
 MAX_RATE_LIMIT_RETRIES = 5
+# How long a finished job waits for its last progress edit in flight, in seconds.
+EDIT_FINISH_TIMEOUT = 10.0
 # Attempts at posting a finished picture when Discord answers with a server error.
 FINAL_POST_ATTEMPTS = 4
 FINAL_POST_BACKOFF = 2.0
@@ -98,11 +100,18 @@ class ProgressEditor(Generic[FrameT]):
         self._on_error = on_error
         self._latest: FrameT | None = None
         self._task: asyncio.Task[None] | None = None
+        self._editing = False
+        self._closed = False
         self.sent: int = 0
         self.dropped: int = 0
 
     def submit(self, frame: FrameT) -> None:
-        """Queue ``frame`` for the next edit, replacing a frame that was not sent yet."""
+        """Queue ``frame`` for the next edit, replacing a frame that was not sent yet.
+
+        Frames submitted after :meth:`aclose` are ignored.
+        """
+        if self._closed:
+            return
         if self._latest is not None:
             self.dropped += 1
         self._latest = frame
@@ -114,13 +123,23 @@ class ProgressEditor(Generic[FrameT]):
         while self._task is not None and not self._task.done():
             await asyncio.wait({self._task})
 
-    async def aclose(self) -> None:
-        """Stop editing. A frame that was not sent yet is dropped."""
+    async def aclose(self, timeout: float = EDIT_FINISH_TIMEOUT) -> None:
+        """Stop editing: drop a frame not sent yet and let an edit in flight finish.
+
+        An edit still running after ``timeout`` seconds, or a wait for a rate limit, is
+        cancelled.
+        """
+        self._closed = True
         self._latest = None
         task, self._task = self._task, None
-        if task is not None and not task.done():
+        if task is None or task.done():
+            return
+        if not self._editing:
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if not done:
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
     async def _drain(self) -> None:
         rate_limits = 0
@@ -129,26 +148,37 @@ class ProgressEditor(Generic[FrameT]):
             await self._channel_throttler.acquire()
             frame, self._latest = self._latest, None
             if frame is None:
-                continue
-            try:
-                await self._edit(frame)
-            except Exception as error:
-                delay = retry_after_seconds(error)
-                if delay is None:
-                    await self._on_error(error)
-                    continue
-                rate_limits += 1
-                if rate_limits > MAX_RATE_LIMIT_RETRIES:
-                    log.warning("Dropped a progress frame after %d rate limits", rate_limits - 1)
-                    rate_limits = 0
-                    continue
-                log.info("Progress edit rate limited, retrying in %.2f s", delay)
-                if self._latest is None:
-                    self._latest = frame
-                await asyncio.sleep(delay)
-            else:
+                continue  # aclose() dropped it while this task waited for its turn
+
+            delay = await self._send(frame)
+            if delay is None:
                 rate_limits = 0
-                self.sent += 1
+                continue
+            rate_limits += 1
+            if rate_limits > MAX_RATE_LIMIT_RETRIES:
+                log.warning("Dropped a progress frame after %d rate limits", rate_limits - 1)
+                rate_limits = 0
+                continue
+            log.info("Progress edit rate limited, retrying in %.2f s", delay)
+            if self._latest is None and not self._closed:
+                self._latest = frame
+            await asyncio.sleep(delay)
+
+    async def _send(self, frame: FrameT) -> float | None:
+        """Edit with ``frame``; return the seconds to wait if rate limited, else None."""
+        self._editing = True
+        try:
+            await self._edit(frame)
+        except Exception as error:
+            delay = retry_after_seconds(error)
+            if delay is None:
+                await self._on_error(error)
+            return delay
+        else:
+            self.sent += 1
+            return None
+        finally:
+            self._editing = False
 
 
 @dataclass(frozen=True)
