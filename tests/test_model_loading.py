@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from generator.checkpoint import load_state_dict
+from generator.clip import use_sdpa_attention
 from generator.errors import ModelError
 from generator.models import load_clip, load_models, load_vqgan, resolve_device
 from generator.testing import (
@@ -472,3 +473,24 @@ def test_build_tiny_vqgan_path(tmp_path: Path) -> None:
 
     assert checkpoint == tmp_path / "tiny-vqgan.ckpt"
     assert checkpoint.with_suffix(".yaml").is_file()
+
+
+def test_clip_sdpa_attention_matches(tiny_dir: Path) -> None:
+    spec = f"imagine-tiny-clip/{tiny_dir / 'imagine-tiny-clip.pt'}"
+    fast = load_clip(spec, sdpa_attention=True)
+    plain = load_clip(spec, sdpa_attention=False)
+    images = torch.randn(2, 3, 32, 32)
+    fast_images = images.clone().requires_grad_(True)
+    plain_images = images.clone().requires_grad_(True)
+    texts = ["a lighthouse at dusk", "fog"]
+
+    fast_embedding = fast.encode_image(fast_images)
+    plain_embedding = plain.encode_image(plain_images)
+    fast_embedding.square().sum().backward()
+    plain_embedding.square().sum().backward()
+    text_difference = (fast.encode_text(texts) - plain.encode_text(texts)).abs().max()
+
+    assert (fast_embedding - plain_embedding).abs().max().item() <= 1e-6
+    assert (fast_images.grad - plain_images.grad).abs().max().item() <= 1e-6
+    assert text_difference.item() <= 1e-5
+    assert use_sdpa_attention(plain.model) == 4

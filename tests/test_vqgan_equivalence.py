@@ -173,3 +173,49 @@ def test_decode_gradients_match_taming(pair: tuple[VQGAN, TamingReference]) -> N
     reference.decode(z_ref).square().mean().backward()
 
     assert (z_ours.grad - z_ref.grad).abs().max().item() <= TOLERANCE
+
+
+# Architecture of the released f16 16384 VQGAN (its configs/model.yaml). A
+# Lightning checkpoint of it has 144 encoder, 194 decoder, 2 quant_conv,
+# 2 post_quant_conv and 1 quantize tensor.
+F16_DDCONFIG: dict[str, Any] = {
+    "double_z": False,
+    "z_channels": 256,
+    "resolution": 256,
+    "in_channels": 3,
+    "out_ch": 3,
+    "ch": 128,
+    "ch_mult": [1, 1, 2, 2, 4],
+    "num_res_blocks": 2,
+    "attn_resolutions": [16],
+    "dropout": 0.0,
+}
+
+
+def test_released_f16_architecture() -> None:
+    config = VQGANConfig.from_taming(
+        {
+            "model": {
+                "target": "taming.models.vqgan.VQModel",
+                "params": {"ddconfig": F16_DDCONFIG, "n_embed": 16384, "embed_dim": 256},
+            }
+        }
+    )
+    with torch.device("meta"):
+        model = VQGAN(config)
+    counts: dict[str, int] = {}
+    for key in model.state_dict():
+        prefix = key.split(".")[0]
+        counts[prefix] = counts.get(prefix, 0) + 1
+
+    assert counts == {
+        "encoder": 144,
+        "decoder": 194,
+        "quantize": 1,
+        "quant_conv": 2,
+        "post_quant_conv": 2,
+    }
+    assert model.factor == 16
+    assert model.codebook.shape == (16384, 256)
+    assert sum(p.numel() for p in model.encoder.parameters()) == 29_298_176
+    assert sum(p.numel() for p in model.decoder.parameters()) == 42_449_795
