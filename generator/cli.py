@@ -1,0 +1,305 @@
+"""The command line: ``python -m generator "a prompt" -o out.png`` and its ``download`` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import random
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from generator.errors import ModelError
+from generator.prompts import PromptError, check_prompt_length, parse_prompts
+from generator.registry import MODELS_DIR_VARIABLE, default_models_dir
+from generator.request import GenerationRequest, RequestError, canonical_optimizer
+
+if TYPE_CHECKING:
+    from generator.generate import Progress
+
+logger = logging.getLogger("generator.cli")
+
+EXIT_USAGE = 2
+DEFAULT_CLIP = GenerationRequest(prompts=[], seed=0).clip
+EXIT_INTERRUPTED = 130
+
+DESCRIPTION = """\
+Turn a text prompt into a picture with VQGAN+CLIP.
+
+Prompt grammar: parts separated by '|', each 'text', 'text:weight' or
+'text:weight:stop'; Midjourney's 'text::weight'; '--no a, b' for things to
+avoid (quote the prompt so the shell passes it as one argument).
+
+Download the default models first with: python -m generator download [NAME ...]
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the parser of the generate command."""
+    defaults = GenerationRequest(prompts=[], seed=0)
+    parser = argparse.ArgumentParser(
+        prog="python -m generator",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("prompt", nargs="+", help="what to draw; several words are joined")
+    parser.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=Path("output.png"),
+        help="PNG file to write (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="things to avoid, comma-separated (repeatable)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="random seed; the same seed and settings repeat a picture (default: random)",
+    )
+    parser.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        metavar=("WIDTH", "HEIGHT"),
+        default=(defaults.width, defaults.height),
+        help="image size in pixels, rounded to the model's factor "
+        f"(default: {defaults.width} {defaults.height})",
+    )
+    parser.add_argument(
+        "--iterations",
+        type=int,
+        default=defaults.iterations,
+        help="optimisation steps (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--cutn",
+        type=int,
+        default=defaults.cutn,
+        help="random crops judged by CLIP per step (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--cut-pow",
+        type=float,
+        default=defaults.cut_pow,
+        help="crop size exponent; higher favours small crops (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--lr", type=float, default=defaults.lr, help="learning rate (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--optimizer",
+        default=defaults.optimizer,
+        help="a torch.optim class name, e.g. Adam, AdamW, SGD (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--vqgan",
+        default=defaults.vqgan,
+        metavar="NAME|PATH",
+        help="registered VQGAN name or .ckpt path with its .yaml beside it (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--clip",
+        action="append",
+        default=None,
+        metavar="MODEL/PRETRAINED",
+        help=f"CLIP model; repeat for an ensemble (default: {defaults.clip[0]})",
+    )
+    parser.add_argument(
+        "--init-image",
+        default=None,
+        metavar="PATH",
+        help="start from this image instead of random noise",
+    )
+    parser.add_argument(
+        "--image-prompt",
+        action="append",
+        default=[],
+        metavar="PATH[:WEIGHT]",
+        help="steer toward an image as well (repeatable, weight default 1)",
+    )
+    parser.add_argument(
+        "--save-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also write OUTPUT-NNNN.png every N iterations (default: off)",
+    )
+    parser.add_argument(
+        "--device", default="auto", help="auto, cpu or cuda:N (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (default: the cores this process may use)",
+    )
+    parser.add_argument(
+        "--models-dir",
+        type=Path,
+        default=None,
+        help="where models are stored, as for the download command "
+        f"(default: ${MODELS_DIR_VARIABLE} or ./data/models)",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line and return the exit status."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    if arguments[:1] == ["download"]:
+        return _download(arguments[1:])
+
+    options = build_parser().parse_args(arguments)
+    try:
+        return _generate(options)
+    except (PromptError, RequestError, ModelError) as error:
+        return _fail(error)
+    except KeyboardInterrupt:
+        print("Interrupted.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def build_request(options: argparse.Namespace) -> GenerationRequest:
+    """Turn parsed options into a validated GenerationRequest.
+
+    Raises:
+        PromptError: the prompt does not follow the grammar or is too long.
+        RequestError: an option is out of range.
+    """
+    text = " ".join(options.prompt)
+    for item in options.no:
+        text += f" --no {item}"
+    prompts = parse_prompts(text)
+
+    seed = options.seed if options.seed is not None else random.SystemRandom().randrange(2**32)
+    request = GenerationRequest(
+        prompts=prompts,
+        seed=seed,
+        width=options.size[0],
+        height=options.size[1],
+        iterations=options.iterations,
+        cutn=options.cutn,
+        cut_pow=options.cut_pow,
+        lr=options.lr,
+        optimizer=canonical_optimizer(options.optimizer),
+        vqgan=options.vqgan,
+        clip=tuple(options.clip) if options.clip else DEFAULT_CLIP,
+        init_image=options.init_image,
+        image_prompts=[parse_image_prompt(item) for item in options.image_prompt],
+        progress_every=options.save_every,
+    )
+    request.validate()
+    # Checked last because the tokenizer imports open_clip and torch, which take seconds.
+    check_prompt_length(prompts)
+    return request
+
+
+def parse_image_prompt(value: str) -> tuple[str, float]:
+    """Split ``PATH[:WEIGHT]`` into a path and a weight (1 when missing)."""
+    path, colon, weight = value.rpartition(":")
+    if colon and path:
+        try:
+            number = float(weight)
+        except ValueError:
+            return value, 1.0
+        if not math.isfinite(number) or number == 0:
+            raise RequestError(
+                f"The weight '{weight}' of image prompt '{path}' must be a finite, non-zero number."
+            )
+        return path, number
+    return value, 1.0
+
+
+def _generate(options: argparse.Namespace) -> int:
+    request = build_request(options)
+    output: Path = options.output
+    if not output.parent.is_dir():
+        raise RequestError(f"The output folder '{output.parent}' does not exist: create it first.")
+    _check_files_exist(request)
+
+    # Imported here so that --help and prompt errors do not wait for torch.
+    from generator.generate import generate
+    from generator.models import load_models
+    from generator.png import generation_metadata, save_png
+
+    models_dir = options.models_dir or default_models_dir()
+    models = load_models(request.vqgan, request.clip, options.device, models_dir=models_dir)
+    bar = _ProgressBar(request, output, disable=options.quiet)
+    try:
+        image = generate(request, bar.update, models=models, threads=options.threads)
+    finally:
+        bar.close()
+
+    save_png(image, output, generation_metadata(request, *image.size))
+    print(f"Saved {output} ({image.width}x{image.height}, seed {request.seed}).")
+    return 0
+
+
+class _ProgressBar:
+    """A tqdm bar fed by generate's progress callback; also writes the intermediate images."""
+
+    def __init__(self, request: GenerationRequest, output: Path, disable: bool) -> None:
+        self.request = request
+        self.output = output
+        self.disable = disable
+        self.bar: Any = None
+
+    def update(self, progress: Progress) -> None:
+        if self.bar is None:
+            # Created at the first step, so that errors before it print without a bar.
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=progress.total, unit="it", disable=self.disable, file=sys.stderr)
+        self.bar.update(progress.iteration - self.bar.n)
+        losses = {_short(label): f"{value:.3f}" for label, value in progress.losses.items()}
+        self.bar.set_postfix(losses, refresh=False)
+        if progress.image is not None and progress.iteration < progress.total:
+            self._save_intermediate(progress)
+
+    def _save_intermediate(self, progress: Progress) -> None:
+        from generator.png import generation_metadata, save_png
+
+        assert progress.image is not None
+        path = self.output.with_name(f"{self.output.stem}-{progress.iteration:04d}.png")
+        metadata = generation_metadata(self.request, *progress.image.size)
+        save_png(progress.image, path, metadata)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _check_files_exist(request: GenerationRequest) -> None:
+    """Reject a missing input image before the models take seconds to load."""
+    files = [("init image", request.init_image)] if request.init_image else []
+    files += [("image prompt", path) for path, _weight in request.image_prompts]
+    for role, path in files:
+        if not Path(path).is_file():
+            raise RequestError(f"The {role} '{path}' was not found: check the path.")
+
+
+def _download(arguments: list[str]) -> int:
+    from generator.download import main_download
+
+    return main_download(arguments)
+
+
+def _fail(error: Exception) -> int:
+    message = " ".join(str(error).split())
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _short(label: str, limit: int = 16) -> str:
+    return label if len(label) <= limit else label[: limit - 1] + "…"

@@ -1,0 +1,183 @@
+"""The command line, run as a user runs it: ``python -m generator`` in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from generator.cli import build_parser, build_request, main, parse_image_prompt
+from generator.png import read_png_metadata
+from generator.request import RequestError
+from generator.testing import TinyModels
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*arguments: str, models_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
+    environment = dict(os.environ, PYTHONPATH=str(ROOT))
+    if models_dir is not None:
+        environment["IMAGINE_MODELS_DIR"] = str(models_dir)
+    return subprocess.run(
+        [sys.executable, "-m", "generator", *arguments],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=environment,
+        timeout=120,
+    )
+
+
+def tiny_arguments(tiny: TinyModels) -> list[str]:
+    return [
+        "--vqgan", tiny.vqgan,
+        "--clip", tiny.clip,
+        "--size", "32", "32",
+        "--cutn", "2",
+        "--threads", "1",
+    ]  # fmt: skip
+
+
+def test_cli_writes_png_with_metadata(tiny_models: TinyModels, tmp_path: Path) -> None:
+    output = tmp_path / "out.png"
+    result = run_cli(
+        "a lighthouse at dusk --no fog",
+        "-o", str(output),
+        "--seed", "5",
+        "--iterations", "4",
+        "--save-every", "2",
+        *tiny_arguments(tiny_models),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "seed 5" in result.stdout
+
+    with Image.open(output) as image:
+        assert image.size == (32, 32)
+    metadata = read_png_metadata(output)
+    assert metadata["prompt"] == "a lighthouse at dusk"
+    assert metadata["negative"] == "fog"
+    assert metadata["seed"] == "5"
+    assert metadata["size"] == "32x32"
+    assert metadata["iterations"] == "4"
+    assert metadata["cutn"] == "2"
+    assert metadata["clip"] == tiny_models.clip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out-0002.png", "out.png"]
+
+
+def test_cli_repeats_with_seed(
+    tiny_models: TinyModels, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    outputs = [tmp_path / "first.png", tmp_path / "second.png"]
+    for output in outputs:
+        status = main(
+            [
+                "a red apple", "--no", "fog", "-o", str(output), "--seed", "9",
+                "--iterations", "2", "-q", *tiny_arguments(tiny_models),
+            ]
+        )  # fmt: skip
+        assert status == 0, capsys.readouterr().err
+    assert outputs[0].read_bytes() == outputs[1].read_bytes()
+
+
+ERRORS = [
+    (["cat:0"], "is 0"),
+    (["a cat --seed 4"], "Unknown option '--seed'"),
+    (["a cat", "--size", "8", "8"], "width is 8 pixels"),
+    (["a cat", "--iterations", "0"], "iterations is 0"),
+    (["a cat", "--optimizer", "Lion"], "Unknown optimizer 'Lion'"),
+    (["a cat", "--clip", "ViT-B-32"], "MODEL/PRETRAINED"),
+    (["a cat", "--image-prompt", "ref.png:inf"], "image prompt 'ref.png'"),
+    (["a cat", "-o", "missing-folder/out.png"], "does not exist"),
+    (["a cat", "--vqgan", "no-such-model", "--clip", "x/y"], "no-such-model"),
+    ([" ".join(["word"] * 80)], "82 tokens"),
+]
+
+
+@pytest.mark.parametrize(("arguments", "fragment"), ERRORS)
+def test_cli_error_one_line(
+    arguments: list[str],
+    fragment: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("IMAGINE_MODELS_DIR", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert main(arguments) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: ")
+    assert fragment in lines[0]
+
+
+def test_cli_error_exit_status(tmp_path: Path) -> None:
+    result = run_cli("--no fog", models_dir=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == (
+        "error: The prompt has only negative parts: add what the picture should show, "
+        "e.g. 'a forest --no fog'.\n"
+    )
+
+
+def test_cli_missing_init_image(
+    tiny_models: TinyModels, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status = main(
+        [
+            "a cat", "-o", str(tmp_path / "out.png"), "--init-image", str(tmp_path / "none.png"),
+            *tiny_arguments(tiny_models),
+        ]
+    )  # fmt: skip
+    assert status == 2
+    assert capsys.readouterr().err.startswith("error: The init image")
+
+
+def test_cli_help() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    assert "usage: python -m generator" in result.stdout
+    assert "--image-prompt PATH[:WEIGHT]" in result.stdout
+    assert "download" in result.stdout
+
+
+def test_download_help() -> None:
+    result = run_cli("download", "--help")
+    assert result.returncode == 0
+    assert "usage: python -m generator download" in result.stdout
+
+
+def test_build_request_from_options() -> None:
+    options = build_parser().parse_args(
+        [
+            "a", "cat:2", "--no", "fog, rain", "--seed", "1", "--size", "64", "48",
+            "--optimizer", "adamw", "--clip", "A/x", "--clip", "B/y",
+            "--image-prompt", "style.png:0.5", "--image-prompt", "C:/pictures/ref.png",
+            "--save-every", "10",
+        ]
+    )  # fmt: skip
+    request = build_request(options)
+    assert [(p.text, p.weight) for p in request.prompts] == [
+        ("a cat", 2.0),
+        ("fog", -1.0),
+        ("rain", -1.0),
+    ]
+    assert (request.width, request.height, request.seed) == (64, 48, 1)
+    assert request.optimizer == "AdamW"
+    assert request.clip == ("A/x", "B/y")
+    assert request.image_prompts == [("style.png", 0.5), ("C:/pictures/ref.png", 1.0)]
+    assert request.progress_every == 10
+
+
+def test_random_seed_when_missing() -> None:
+    seeds = {build_request(build_parser().parse_args(["a cat"])).seed for _ in range(5)}
+    assert len(seeds) > 1
+
+
+def test_image_prompt_weight_errors() -> None:
+    assert parse_image_prompt("ref.png:-1") == ("ref.png", -1.0)
+    with pytest.raises(RequestError, match="non-zero"):
+        parse_image_prompt("ref.png:0")
