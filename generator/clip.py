@@ -8,6 +8,7 @@ architecture (``ViT-B-32``) and PRETRAINED is either an open_clip tag
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import types
@@ -26,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 # Prefixes that make open_clip read the config and weights from elsewhere.
 _SCHEMA_PREFIXES = ("hf-hub:", "local-dir:")
+# Architectures shipped with open_clip, before any add_model_config call.
+_BUILTIN_MODELS = frozenset(open_clip.list_models())
 
 
 @dataclass(frozen=True)
@@ -164,13 +167,27 @@ def use_sdpa_attention(model: nn.Module) -> int:
     return changed
 
 
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ModelError(f"Cannot read the CLIP model config {path}: {error}") from error
+
+
 def _register_local_config(spec: ClipSpec) -> None:
-    """Register ``<weights dir>/<MODEL>.json`` with open_clip when MODEL is not built in."""
-    if spec.model in open_clip.list_models() or spec.weights_path is None:
+    """Register ``<weights dir>/<MODEL>.json`` with open_clip when MODEL is not built in.
+
+    The JSON beside the weights wins over a config of the same name registered
+    from another directory earlier.
+    """
+    if spec.model in _BUILTIN_MODELS or spec.weights_path is None:
         return
 
     config_path = spec.weights_path.parent / f"{spec.model}.json"
-    if not config_path.is_file():
+    if config_path.is_file():
+        if open_clip.get_model_config(spec.model) != _read_json(config_path):
+            open_clip.add_model_config(config_path)
+    elif spec.model not in open_clip.list_models():
         raise ModelError(
             f"Unknown CLIP architecture {spec.model!r} in {spec.spec!r}: open_clip has no "
             f"config of that name and there is no {config_path}. Use a built-in name such as "

@@ -195,6 +195,9 @@ def download_file(
     """Download one registry file into `directory` unless it is already there; return its path.
 
     Raises ModelError when every mirror fails.
+
+    NOTE: there is no lock, so two processes downloading the same file at once
+    write into the same ``.part`` file. Run one download at a time.
     """
     directory = Path(directory)
     target = directory / remote.filename

@@ -171,7 +171,8 @@ def _cache_path(files: VQGANFiles, models_dir: Path) -> Path:
 def _write_cache(state: dict[str, Tensor], target: Path) -> None:
     """Save the decoding weights as safetensors next to older copies, then drop the old ones."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".part")
+    # A per-process temporary name, so two processes filling the cache cannot mix bytes.
+    partial = target.with_name(f"{target.name}.{os.getpid()}.part")
     try:
         save_file({k: v.contiguous() for k, v in state.items()}, str(partial))
         os.replace(partial, target)

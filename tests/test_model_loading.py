@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -494,3 +495,18 @@ def test_clip_sdpa_attention_matches(tiny_dir: Path) -> None:
     assert (fast_images.grad - plain_images.grad).abs().max().item() <= 1e-6
     assert text_difference.item() <= 1e-5
     assert use_sdpa_attention(plain.model) == 4
+
+
+def test_clip_json_beside_weights_wins(tmp_path: Path) -> None:
+    first = build_tiny_clip(tmp_path / "first")
+    load_clip(first)
+    second_dir = tmp_path / "second"
+    build_tiny_clip(second_dir)
+    config = json.loads((second_dir / "imagine-tiny-clip.json").read_text())
+    config["embed_dim"] = 48
+    (second_dir / "imagine-tiny-clip.json").write_text(json.dumps(config))
+
+    # The weights were saved for embed_dim 32, so the changed JSON must be the one used.
+    with pytest.raises(ModelError, match="Cannot load CLIP weights"):
+        load_clip(f"imagine-tiny-clip/{second_dir / 'imagine-tiny-clip.pt'}")
+    assert load_clip(first).encode_text(["x"]).shape == (1, 32)
