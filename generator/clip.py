@@ -289,7 +289,7 @@ def load_clip(
         ModelError: malformed spec, unknown model or tag, missing or broken weights,
             or a failed download.
 
-    NOTE: QuickGELU is switched on only for tags whose open_clip metadata asks for
+    NOTE: QuickGELU is switched on only for tags whose open_clip metadata requests
     it. For OpenAI weights from a local file, name the ``-quickgelu`` config.
     """
     parsed = parse_clip_spec(spec)
