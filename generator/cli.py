@@ -45,27 +45,34 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("prompt", nargs="+", help="what to draw; several words are joined")
-    parser.add_argument(
+    _add_picture_arguments(parser.add_argument_group("picture"), defaults)
+    _add_optimisation_arguments(parser.add_argument_group("optimisation"), defaults)
+    _add_model_arguments(parser.add_argument_group("models and device"), defaults)
+    return parser
+
+
+def _add_picture_arguments(group: argparse._ArgumentGroup, defaults: GenerationRequest) -> None:
+    group.add_argument(
         "-o",
         "--output",
         type=Path,
         default=Path("output.png"),
         help="PNG file to write (default: %(default)s)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--no",
         action="append",
         default=[],
         metavar="TEXT",
         help="things to avoid, comma-separated (repeatable)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--seed",
         type=int,
         default=None,
         help="random seed; the same seed and settings repeat a picture (default: random)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--size",
         type=int,
         nargs=2,
@@ -74,83 +81,90 @@ def build_parser() -> argparse.ArgumentParser:
         help="image size in pixels, rounded to the model's factor "
         f"(default: {defaults.width} {defaults.height})",
     )
-    parser.add_argument(
-        "--iterations",
-        type=int,
-        default=defaults.iterations,
-        help="optimisation steps (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--cutn",
-        type=int,
-        default=defaults.cutn,
-        help="random crops judged by CLIP per step (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--cut-pow",
-        type=float,
-        default=defaults.cut_pow,
-        help="crop size exponent; higher favours small crops (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--lr", type=float, default=defaults.lr, help="learning rate (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--optimizer",
-        default=defaults.optimizer,
-        help="a torch.optim class name, e.g. Adam, AdamW, SGD (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--vqgan",
-        default=defaults.vqgan,
-        metavar="NAME|PATH",
-        help="registered VQGAN name or .ckpt path with its .yaml beside it (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--clip",
-        action="append",
-        default=None,
-        metavar="MODEL/PRETRAINED",
-        help=f"CLIP model; repeat for an ensemble (default: {defaults.clip[0]})",
-    )
-    parser.add_argument(
+    group.add_argument(
         "--init-image",
         default=None,
         metavar="PATH",
         help="start from this image instead of random noise",
     )
-    parser.add_argument(
+    group.add_argument(
         "--image-prompt",
         action="append",
         default=[],
         metavar="PATH[:WEIGHT]",
         help="steer toward an image as well (repeatable, weight default 1)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--save-every",
         type=int,
         default=0,
         metavar="N",
         help="also write OUTPUT-NNNN.png every N iterations (default: off)",
     )
-    parser.add_argument(
+    group.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def _add_optimisation_arguments(
+    group: argparse._ArgumentGroup, defaults: GenerationRequest
+) -> None:
+    group.add_argument(
+        "--iterations",
+        type=int,
+        default=defaults.iterations,
+        help="optimisation steps (default: %(default)s)",
+    )
+    group.add_argument(
+        "--cutn",
+        type=int,
+        default=defaults.cutn,
+        help="random crops judged by CLIP per step (default: %(default)s)",
+    )
+    group.add_argument(
+        "--cut-pow",
+        type=float,
+        default=defaults.cut_pow,
+        help="crop size exponent; higher favours small crops (default: %(default)s)",
+    )
+    group.add_argument(
+        "--lr", type=float, default=defaults.lr, help="learning rate (default: %(default)s)"
+    )
+    group.add_argument(
+        "--optimizer",
+        default=defaults.optimizer,
+        help="a torch.optim class name, e.g. Adam, AdamW, SGD (default: %(default)s)",
+    )
+
+
+def _add_model_arguments(group: argparse._ArgumentGroup, defaults: GenerationRequest) -> None:
+    group.add_argument(
+        "--vqgan",
+        default=defaults.vqgan,
+        metavar="NAME|PATH",
+        help="registered VQGAN name or .ckpt path with its .yaml beside it (default: %(default)s)",
+    )
+    group.add_argument(
+        "--clip",
+        action="append",
+        default=None,
+        metavar="MODEL/PRETRAINED",
+        help=f"CLIP model; repeat for an ensemble (default: {defaults.clip[0]})",
+    )
+    group.add_argument(
         "--device", default="auto", help="auto, cpu or cuda:N (default: %(default)s)"
     )
-    parser.add_argument(
+    group.add_argument(
         "--threads",
         type=int,
         default=None,
         help="CPU threads (default: the cores this process may use)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--models-dir",
         type=Path,
         default=None,
         help="where models are stored, as for the download command "
         f"(default: ${MODELS_DIR_VARIABLE} or ./data/models)",
     )
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -227,6 +241,8 @@ def _generate(options: argparse.Namespace) -> int:
     if not output.parent.is_dir():
         raise RequestError(f"The output folder '{output.parent}' does not exist: create it first.")
     _check_files_exist(request)
+    if options.threads is not None and options.threads < 1:
+        raise RequestError(f"--threads is {options.threads}: use 1 or more CPU threads.")
 
     # Imported here so that --help and prompt errors do not wait for torch.
     from generator.generate import generate

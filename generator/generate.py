@@ -1,19 +1,20 @@
 """CLIP-guided VQGAN optimisation: turn a GenerationRequest into a picture.
 
 The method is Katherine Crowson's 2021 VQGAN+CLIP notebook. A VQGAN latent z
-starts from random codebook vectors (or an encoded init image). Each
-iteration quantises z with a straight-through gradient, decodes it, cuts random
-augmented crops, embeds them with each CLIP model, and takes an optimiser step
-that moves the crops' embeddings toward the positive prompts and away from the
-negative ones (spherical distance). After the step z is clamped to the
-codebook's per-channel range.
+starts from random codebook vectors (or an encoded init image). Each iteration
+quantises z with a straight-through gradient, decodes it and cuts random
+augmented crops. Each CLIP model embeds the crops, and an optimiser step moves
+those embeddings toward the positive prompts and away from the negative ones
+(spherical distance). After the step z is clamped to the codebook's
+per-channel range.
 
 Determinism: all randomness comes from torch's generators, seeded from
-``request.seed`` inside ``torch.random.fork_rng`` (the caller's generator
-state is restored afterwards). On the CPU the same request, models, thread
-count and torch build give identical pixels. CUDA runs repeat closely but not
-bit for bit, because several CUDA kernels (convolution backward, scatter-add in
-pooling) accumulate in a nondeterministic order.
+``request.seed`` inside ``torch.random.fork_rng``, and the caller's generator
+state is restored afterwards. On the CPU the same request, models, thread count
+and torch build give identical pixels (the tests check this). On CUDA the
+result is not guaranteed bit for bit, because some CUDA kernels used here
+(cuDNN convolution backward, adaptive max pooling backward) are
+nondeterministic according to PyTorch's reproducibility notes.
 """
 
 from __future__ import annotations
@@ -47,12 +48,14 @@ logger = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
 
-# Memory model for one optimisation step in fp32 beyond the loaded models,
-# fitted to the peak resident memory of vqgan_imagenet_f16_16384 with CLIP
-# ViT-B/32 on a CPU: 4.1 GB at 256x256 with 32 cutouts, 2.6 GB at 128x128 with
-# 16 cutouts, about 1.9 GB of that being models and runtime. The decoder's
-# activations kept for the backward pass grow with the pixel count. CLIP's grow
-# with cutouts times the square of its input side.
+# An estimate of the memory one fp32 optimisation step needs beyond the loaded
+# models. The decoder's activations kept for the backward pass grow with the
+# pixel count, and CLIP's grow with the cutouts times the square of its input
+# side. The constants fit the peak resident memory of vqgan_imagenet_f16_16384
+# with CLIP ViT-B/32 on a 2-core CPU: 4.1 GB at 256x256 with 32 cutouts and
+# 2.6 GB at 128x128 with 16 cutouts, leaving about 1.9 GB for models and runtime.
+# NOTE: two measurements cannot separate the three terms, so the per-cutout cost
+# is an assumed value and the GPU figures are not measured.
 BYTES_PER_PIXEL = 25_000
 BYTES_PER_CUTOUT_224 = 16_000_000
 
@@ -137,6 +140,8 @@ def generate(
     """
     request.validate()
     optimizer_name = canonical_optimizer(request.optimizer)
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads is {threads}: use 1 or more, or None for all usable cores.")
     torch_device = _pick_device(models, device)
     if models is None:
         from generator.models import load_models
@@ -295,7 +300,7 @@ class _Run:
         """Run the remaining iterations and return the final image."""
         total = self.request.iterations
         every = self.request.progress_every
-        losses: dict[str, float] = {}
+        final: Image.Image | None = None
         started = time.perf_counter()
         first = self.iteration
 
@@ -309,6 +314,7 @@ class _Run:
             if progress is not None:
                 show = done or (every > 0 and self.iteration % every == 0)
                 image = self.decode() if show else None
+                final = image if done else None
                 progress(Progress(self.iteration, total, losses, image))
             if on_state is not None and every > 0 and self.iteration % every == 0 and not done:
                 on_state(self.state())
@@ -321,7 +327,7 @@ class _Run:
             self.iteration - first,
             elapsed / max(1, self.iteration - first),
         )
-        return self.decode()
+        return final if final is not None else self.decode()
 
     def _step(self) -> dict[str, float]:
         """Take one optimiser step and return each prompt's loss before it."""
@@ -334,7 +340,9 @@ class _Run:
             embeddings = guide.clip.encode_image(batch)
             for target in guide.targets:
                 loss = target.loss(embeddings)
-                terms[target.label] = terms[target.label] + loss if target.label in terms else loss
+                if target.label in terms:
+                    loss = terms[target.label] + loss
+                terms[target.label] = loss
         total = torch.stack(list(terms.values())).sum()
         total.backward()
         self.optimizer.step()
@@ -451,6 +459,10 @@ def _seeded(seed: int, device: torch.device) -> Iterator[None]:
             if device.type == "cuda":
                 with torch.cuda.device(device):
                     torch.cuda.manual_seed(seed)
+            elif device.type == "mps":
+                # NOTE: the MPS generator is seeded but neither forked nor saved in
+                # resume states, so resumed MPS runs may differ from uninterrupted ones.
+                torch.mps.manual_seed(seed)
             random.seed(seed)
             np.random.seed(seed % 2**32)
             yield

@@ -59,7 +59,7 @@ def save_png(
 
     Latin-1 values become tEXt chunks; other text (emoji, CJK) becomes
     UTF-8 iTXt chunks, which ``read_png_metadata`` reads back the same way.
-    The file holds no time stamp, so equal images and metadata give equal bytes.
+    The file contains no time stamp, so equal images and metadata give equal bytes.
     """
     info = PngInfo()
     for key, value in metadata.items():

@@ -361,10 +361,17 @@ def test_long_prompt_rejected(models: Models, request_for: Any) -> None:
         generate(request, models=models, threads=1)
 
 
-def test_other_optimizer(models: Models, request_for: Any) -> None:
-    adam = png(generate(request_for(), models=models, threads=1))
-    sgd = png(generate(request_for(optimizer="sgd", lr=5.0), models=models, threads=1))
-    assert adam != sgd
+def test_optimizer_by_name(models: Models, request_for: Any) -> None:
+    groups: dict[str, dict[str, Any]] = {}
+    for name in ("Adam", "sgd", "RMSprop"):
+        states: list[dict[str, Any]] = []
+        request = request_for(optimizer=name, iterations=2, progress_every=1)
+        generate(request, models=models, on_state=states.append, threads=1)
+        groups[name] = states[0]["optimizer"]["param_groups"][0]
+    assert "betas" in groups["Adam"]
+    assert "momentum" in groups["sgd"]
+    assert "betas" not in groups["sgd"]
+    assert "alpha" in groups["RMSprop"]
     with pytest.raises(RequestError, match="Unknown optimizer 'Lion'"):
         generate(request_for(optimizer="Lion"), models=models, threads=1)
 
