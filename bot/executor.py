@@ -1,0 +1,589 @@
+"""The executor: takes jobs from the store one at a time and runs them in a worker process.
+
+One dispatcher task waits on an ``asyncio.Event`` while the queue is empty, takes the next
+job (``JobStore.next_job``), sends it to the worker process (``bot.worker``) and relays what
+the worker reports to ``JobEvents`` and the store. The worker is a ``spawn``ed child, so an
+exception, an out-of-memory error or a SIGKILL there never takes the bot down: the job is
+failed or requeued, a new worker is started and the queue goes on.
+
+The worker's pipe is read by a thread that hands each message to the event loop, so the
+loop never blocks on it. This module does not import torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bot.jobs import Job, JobEvents
+from bot.worker import WorkerConfig, worker_main
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from bot.settings import Settings
+    from bot.store import JobStore
+
+__all__ = ["Executor", "ExecutorInfo", "JobEvents", "WorkerError"]
+
+log = logging.getLogger(__name__)
+
+# Starting a worker imports torch, which takes a few seconds (longer on a busy machine).
+WORKER_START_TIMEOUT_S = 120.0
+WORKER_EXIT_TIMEOUT_S = 5.0
+RATE_META_KEY = "iterations_per_s"
+STATE_FILE_PATTERN = re.compile(r"job-(\d+)\.pt")
+
+WORKER_START_FAILED = (
+    "The image generator could not start, so this picture was not made. The bot owner can "
+    "find the details in the bot's log."
+)
+JOB_INTERNAL_ERROR = (
+    "Something went wrong while handling this picture (job {job_id}). The bot owner can find "
+    "the details in the bot's log; you can try again."
+)
+
+
+class WorkerError(RuntimeError):
+    """The worker process could not be started or stopped answering."""
+
+
+@dataclass(frozen=True)
+class ExecutorInfo:
+    """A snapshot of the executor for /info.
+
+    ``device`` is the torch device the worker resolved (``settings.device`` until it has).
+    ``iterations_per_s`` is measured on the last job that ran (None before the first);
+    it depends on the size and cutouts of that job.
+    """
+
+    device: str
+    vqgan: str
+    clip_models: tuple[str, ...]
+    models_loaded: bool
+    models_error: str | None
+    iterations_per_s: float | None
+    busy_job_id: int | None
+    busy_iteration: int | None
+    worker_pid: int | None
+    worker_restarts: int
+
+    @property
+    def is_cpu(self) -> bool:
+        """Whether generation runs on the CPU (then guilds get the draft preset defaults)."""
+        return self.device == "cpu"
+
+
+class _WorkerHandle:
+    """One worker process, its pipe, its events and the thread that reads the pipe."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.cancel_event = context.Event()
+        self.stop_event = context.Event()
+        self._connection, child_connection = context.Pipe()
+        self.process = context.Process(
+            target=worker_main,
+            args=(child_connection, self.cancel_event, self.stop_event, config),
+            name="imagine-worker",
+            daemon=True,
+        )
+        self.process.start()
+        self.pid: int | None = self.process.pid
+        # The child holds the only other end now, so its exit ends our reads with EOFError.
+        child_connection.close()
+
+        self._messages: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self._reader = threading.Thread(
+            target=self._read,
+            args=(asyncio.get_running_loop(),),
+            name=f"imagine-worker-reader-{self.process.pid}",
+            daemon=True,
+        )
+        self._reader.start()
+        log.info("Started generator worker pid %s", self.process.pid)
+
+    def alive(self) -> bool:
+        try:
+            return self.process.is_alive()
+        except ValueError:
+            return False  # already closed by shutdown()
+
+    def _read(self, loop: asyncio.AbstractEventLoop) -> None:
+        while True:
+            try:
+                message: dict[str, Any] | None = self._connection.recv()
+            except (EOFError, OSError):
+                message = None  # the worker exited
+            try:
+                loop.call_soon_threadsafe(self._messages.put_nowait, message)
+            except RuntimeError:
+                return  # the event loop is closed
+            if message is None:
+                return
+
+    async def receive(self) -> dict[str, Any] | None:
+        """Return the next message, or None once the worker has exited."""
+        return await self._messages.get()
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Send a message; raise WorkerError if the worker is gone."""
+        try:
+            self._connection.send(message)
+        except (BrokenPipeError, ConnectionResetError, OSError) as error:
+            raise WorkerError(f"The worker (pid {self.pid}) is gone: {error}") from error
+
+    async def shutdown(self, timeout: float = WORKER_EXIT_TIMEOUT_S) -> None:
+        """Ask the worker to exit; terminate, then kill it if it does not within ``timeout``."""
+        if self.alive():
+            with contextlib.suppress(WorkerError):
+                self.send({"type": "exit"})
+            await asyncio.to_thread(self.process.join, timeout)
+        if self.alive():
+            log.warning("Worker pid %s did not exit in %.0f s; terminating it", self.pid, timeout)
+            self.process.terminate()
+            await asyncio.to_thread(self.process.join, 2.0)
+        if self.alive():
+            self.process.kill()
+            await asyncio.to_thread(self.process.join, 2.0)
+
+        # Close our end only after the reader thread saw EOF, so no thread reads a closed fd.
+        await asyncio.to_thread(self._reader.join, 2.0)
+        if not self._reader.is_alive():
+            self._connection.close()
+        with contextlib.suppress(ValueError):
+            self.process.close()
+
+
+class Executor:
+    """Runs jobs from a :class:`JobStore` one at a time on one device, in a worker process.
+
+    Call :meth:`start` once the store is open, :meth:`wake` after each enqueue, and
+    :meth:`stop` at shutdown.
+    """
+
+    def __init__(self, store: JobStore, settings: Settings, events: JobEvents) -> None:
+        self._store: JobStore = store
+        self._settings: Settings = settings
+        self._events: JobEvents = events
+        self.state_dir: Path = Path(settings.data_dir) / "state"
+        self.results_dir: Path = Path(settings.data_dir) / "results"
+
+        self._wake: asyncio.Event = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._worker: _WorkerHandle | None = None
+        self._stopping: bool = False
+        self._current: Job | None = None
+        self._current_iteration: int = 0
+
+        self._device: str | None = None
+        self._models_loaded: bool = False
+        self._models_error: str | None = None
+        self._rate: float | None = None
+        self._restarts: int = 0
+
+        self._handlers: dict[str, Callable[[_WorkerHandle, Job, dict[str, Any]], Awaitable[bool]]]
+        self._handlers = {
+            "started": self._on_started,
+            "progress": self._on_progress,
+            "state": self._on_state,
+            "done": self._on_done,
+            "failed": self._on_failed,
+            "cancelled": self._on_cancelled,
+            "stopped": self._on_stopped,
+        }
+
+    # -- public interface ---------------------------------------------------------------
+
+    async def start(self) -> list[Job]:
+        """Recover interrupted jobs, start the worker and the dispatcher.
+
+        Returns the jobs that were left running by the previous process, in their new state
+        (``queued`` again at the front, or ``failed`` after repeated interruptions), so the
+        Discord layer can tell their channels. Waits until the worker has resolved its device
+        (a few seconds: it imports torch), but not for the models to load.
+        """
+        recovered = await self._store.recover()
+        keep = await self._store.job_ids(["queued"])
+        await asyncio.to_thread(self._remove_stale_states, keep)
+        self._rate = await self._store.get_meta(RATE_META_KEY)
+
+        try:
+            await self._ensure_worker()
+        except WorkerError as error:
+            log.error("The generator worker did not start (retried for the next job): %s", error)
+        self._task = asyncio.create_task(self._dispatch_forever(), name="imagine-dispatcher")
+        return recovered
+
+    def wake(self) -> None:
+        """Tell the dispatcher that a job was enqueued."""
+        self._wake.set()
+
+    async def cancel(self, job_id: int) -> bool:
+        """Stop the running job ``job_id`` within one iteration; False if it is not running.
+
+        This does not check ownership: call ``JobStore.cancel`` first, which does. The job's
+        ``job_cancelled`` event follows once the worker has stopped.
+        """
+        if self._current is None or self._current.id != job_id or self._worker is None:
+            return False
+        log.info("Cancelling running job %d", job_id)
+        self._worker.cancel_event.set()
+        return True
+
+    def info(self) -> ExecutorInfo:
+        """Return the device, models, measured speed and the busy job."""
+        worker = self._worker
+        return ExecutorInfo(
+            device=self._device or self._settings.device,
+            vqgan=self._settings.vqgan_model,
+            clip_models=tuple(self._settings.clip_models),
+            models_loaded=self._models_loaded,
+            models_error=self._models_error,
+            iterations_per_s=self._rate,
+            busy_job_id=None if self._current is None else self._current.id,
+            busy_iteration=None if self._current is None else self._current_iteration,
+            worker_pid=worker.pid if worker is not None and worker.alive() else None,
+            worker_restarts=self._restarts,
+        )
+
+    async def eta_seconds(self, job_id: int) -> float | None:
+        """Estimate the seconds until ``job_id`` is finished, or None without a measurement.
+
+        The estimate adds the iterations left of the running job and of every job before
+        ``job_id`` and divides by the last measured speed, so it is rough when sizes differ.
+        """
+        if not self._rate:
+            return None
+        remaining = 0
+        for job in await self._store.queue(limit=self._settings.max_queue + 1):
+            if self._current is not None and job.id == self._current.id:
+                done = self._current_iteration
+            else:
+                done = job.saved_iteration or 0
+            remaining += max(0, job.iterations - done)
+            if job.id == job_id:
+                return remaining / self._rate
+        return None
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Stop taking jobs, stop the running job and the worker within about ``timeout`` s.
+
+        The running job goes back to the front of the queue. The worker stops it at the next
+        iteration, so a later start resumes it from its last saved state (saved every
+        ``progress_every`` iterations). A worker that does not exit is terminated, then killed.
+        """
+        self._stopping = True
+        self._wake.set()
+        running = self._current
+        if self._worker is not None:
+            self._worker.stop_event.set()
+
+        task = self._task
+        if task is not None:
+            done, _ = await asyncio.wait({task}, timeout=timeout)
+            if not done:
+                log.warning("The dispatcher did not stop within %.0f s; cancelling it", timeout)
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if running is not None and await self._store.requeue(running.id) is not None:
+            log.info("Job %d requeued at shutdown", running.id)
+
+        if self._worker is not None:
+            await self._worker.shutdown()
+            self._worker = None
+        log.info("The executor stopped")
+
+    # -- dispatcher ---------------------------------------------------------------------
+
+    async def _dispatch_forever(self) -> None:
+        delay = 1.0
+        while not self._stopping:
+            try:
+                await self._dispatch()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the queue must keep going, whatever failed
+                log.exception("The job dispatcher failed; restarting it in %.0f s", delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 60.0)
+
+    async def _dispatch(self) -> None:
+        while not self._stopping:
+            # Cleared before looking, so an enqueue during the look still wakes us.
+            self._wake.clear()
+            job = await self._store.next_job()
+            if job is None:
+                await self._wake.wait()
+                continue
+            if self._stopping:
+                await self._store.requeue(job.id)
+                return
+            await self._run(job)
+
+    async def _run(self, job: Job) -> None:
+        self._current = job
+        self._current_iteration = job.saved_iteration or 0
+        try:
+            try:
+                worker = await self._ensure_worker()
+            except WorkerError as error:
+                log.error("Job %d failed: the generator worker could not start: %s", job.id, error)
+                await self._fail(job, WORKER_START_FAILED)
+                return
+            await self._send_job(worker, job)
+            await self._relay(worker, job)
+        except Exception:
+            log.exception("Job %d: handling failed", job.id)
+            await self._fail(job, JOB_INTERNAL_ERROR.format(job_id=job.id))
+            raise
+        finally:
+            self._current = None
+
+    async def _send_job(self, worker: _WorkerHandle, job: Job) -> None:
+        state_path = self._state_path(job.id)
+        resume = await asyncio.to_thread(state_path.exists)
+        worker.cancel_event.clear()
+        log.info("Job %d started%s", job.id, " (resuming)" if resume else "")
+        # A send to a dead worker is noticed by _relay, which reads the pipe's end.
+        with contextlib.suppress(WorkerError):
+            worker.send(
+                {
+                    "type": "run",
+                    "job_id": job.id,
+                    "request": job.request,
+                    "state_path": str(state_path),
+                    "resume": resume,
+                }
+            )
+
+    async def _relay(self, worker: _WorkerHandle, job: Job) -> None:
+        """Pass the worker's messages about ``job`` on until its final one."""
+        while True:
+            message = await worker.receive()
+            if message is None:
+                await self._worker_died(worker, job)
+                return
+            if self._note_worker_status(message):
+                continue
+            if message.get("job_id") != job.id:
+                stray = message.get("job_id")
+                log.warning("Ignoring a %s message for job %s", message["type"], stray)
+                continue
+            finished = await self._handlers[message["type"]](worker, job, message)
+            if finished:
+                return
+
+    # -- worker messages ----------------------------------------------------------------
+
+    async def _on_started(self, worker: _WorkerHandle, job: Job, message: dict[str, Any]) -> bool:
+        await self._emit("job_started", job, message["resumed_at"])
+        return False
+
+    async def _on_progress(self, worker: _WorkerHandle, job: Job, message: dict[str, Any]) -> bool:
+        self._current_iteration = message["iteration"]
+        if message["iterations_per_s"]:
+            self._rate = message["iterations_per_s"]
+
+        # A job cancelled through the store alone still stops here.
+        if not worker.cancel_event.is_set():
+            stored = await self._store.get(job.id)
+            if stored is None or stored.state != "running":
+                log.info("Job %d is %s in the store; stopping it", job.id, stored and stored.state)
+                worker.cancel_event.set()
+
+        await self._emit(
+            "job_progress", job, message["iteration"], message["total"], message["png"]
+        )
+        return False
+
+    async def _on_state(self, worker: _WorkerHandle, job: Job, message: dict[str, Any]) -> bool:
+        await self._store.save_progress(job.id, message["iteration"], message["path"])
+        return False
+
+    async def _on_done(self, worker: _WorkerHandle, job: Job, message: dict[str, Any]) -> bool:
+        result_path = self.results_dir / f"job-{job.id}.png"
+        await asyncio.to_thread(_write_file, result_path, message["png"])
+        done = await self._store.mark_done(job.id, str(result_path))
+        await self._remove_state(job.id)
+
+        if done is None:
+            # Cancelled while its last iteration ran.
+            await asyncio.to_thread(result_path.unlink, missing_ok=True)
+            await self._emit("job_cancelled", await self._store.get(job.id) or job)
+            return True
+
+        log.info("Job %d done in %.1f s", job.id, message["duration_s"])
+        if self._rate:
+            await self._store.set_meta(RATE_META_KEY, self._rate)
+        await self._emit("job_finished", done, message["png"], message["duration_s"])
+        return True
+
+    async def _on_failed(self, worker: _WorkerHandle, job: Job, message: dict[str, Any]) -> bool:
+        log.warning("Job %d failed (%s): %s", job.id, message["kind"], message["message"])
+        await self._remove_state(job.id)
+        failed = await self._store.mark_failed(job.id, message["message"])
+        if failed is None:
+            await self._emit("job_cancelled", await self._store.get(job.id) or job)
+        else:
+            await self._emit("job_failed", failed, message["message"])
+        return True
+
+    async def _on_cancelled(self, worker: _WorkerHandle, job: Job, message: dict[str, Any]) -> bool:
+        log.info("Job %d cancelled at iteration %d", job.id, message["iteration"])
+        await self._remove_state(job.id)
+        cancelled = await self._store.mark_cancelled(job.id)
+        await self._emit("job_cancelled", cancelled or job)
+        return True
+
+    async def _on_stopped(self, worker: _WorkerHandle, job: Job, message: dict[str, Any]) -> bool:
+        requeued = await self._store.requeue(job.id)
+        saved = requeued.saved_iteration if requeued else None
+        log.info("Job %d stopped for shutdown; requeued with state saved at %s", job.id, saved)
+        return True
+
+    def _note_worker_status(self, message: dict[str, Any]) -> bool:
+        """Record device and model messages; return whether ``message`` was one."""
+        kind = message["type"]
+        if kind == "device":
+            self._device = message["device"]
+        elif kind == "ready":
+            self._models_loaded, self._models_error = True, None
+        elif kind == "models_failed":
+            self._models_loaded, self._models_error = False, message["message"]
+        else:
+            return False
+        return True
+
+    # -- worker lifecycle -----------------------------------------------------------------
+
+    async def _ensure_worker(self) -> _WorkerHandle:
+        """Return a live worker, starting one if there is none or the last one died."""
+        if self._worker is not None and self._worker.alive():
+            return self._worker
+        if self._worker is not None:
+            log.warning("The generator worker (pid %s) had exited; restarting it", self._worker.pid)
+            await self._worker.shutdown()
+            self._worker = None
+            self._restarts += 1
+
+        worker = _WorkerHandle(self._worker_config())
+        try:
+            await asyncio.wait_for(self._wait_for_device(worker), WORKER_START_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            await worker.shutdown()
+            raise WorkerError(
+                f"The worker did not report its device within {WORKER_START_TIMEOUT_S:.0f} s."
+            ) from None
+        except BaseException:
+            # Also on cancellation (a stop() during start-up): leave no orphaned process.
+            await worker.shutdown()
+            raise
+        self._worker = worker
+        return worker
+
+    async def _wait_for_device(self, worker: _WorkerHandle) -> None:
+        while True:
+            message = await worker.receive()
+            if message is None:
+                await asyncio.to_thread(worker.process.join, WORKER_EXIT_TIMEOUT_S)
+                raise WorkerError(
+                    f"The worker exited with code {worker.process.exitcode} while starting."
+                )
+            if message["type"] == "fatal":
+                raise WorkerError(message["message"])
+            self._note_worker_status(message)
+            if message["type"] == "device":
+                log.info("The generator worker uses %s", self._device)
+                return
+
+    async def _worker_died(self, worker: _WorkerHandle, job: Job) -> None:
+        """Handle a worker that exited mid-job: requeue or fail the job, drop the worker."""
+        await asyncio.to_thread(worker.process.join, WORKER_EXIT_TIMEOUT_S)
+        exit_code = worker.process.exitcode
+        hint = " (SIGKILL: often the kernel's out-of-memory killer)" if exit_code == -9 else ""
+        log.error(
+            "Job %d: the generator worker (pid %s) died with exit code %s%s",
+            job.id,
+            worker.pid,
+            exit_code,
+            hint,
+        )
+        await worker.shutdown()
+        self._worker = None
+        self._restarts += 1
+
+        interrupted = await self._store.interrupt(job.id)
+        if interrupted is None:
+            stored = await self._store.get(job.id)
+            await self._remove_state(job.id)
+            if stored is not None and stored.state == "cancelled":
+                await self._emit("job_cancelled", stored)
+        elif interrupted.state == "failed":
+            await self._remove_state(job.id)
+            await self._emit("job_failed", interrupted, interrupted.error or "")
+        else:
+            log.warning(
+                "Job %d requeued at the front (interruption %d)", job.id, interrupted.attempts
+            )
+
+    def _worker_config(self) -> WorkerConfig:
+        settings = self._settings
+        return WorkerConfig(
+            device=settings.device,
+            vqgan=settings.vqgan_model,
+            clip_models=tuple(settings.clip_models),
+            models_dir=str(settings.models_dir),
+            threads=settings.threads,
+            log_level=settings.log_level,
+        )
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    async def _fail(self, job: Job, message: str) -> None:
+        failed = await self._store.mark_failed(job.id, message)
+        await self._remove_state(job.id)
+        if failed is not None:
+            await self._emit("job_failed", failed, message)
+
+    async def _emit(self, event: str, job: Job, *args: Any) -> None:
+        """Call a JobEvents method; its failure is logged and does not stop the job."""
+        try:
+            await getattr(self._events, event)(job, *args)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the Discord layer failing to post must not stop generation
+            log.exception("JobEvents.%s failed for job %d", event, job.id)
+
+    def _state_path(self, job_id: int) -> Path:
+        return self.state_dir / f"job-{job_id}.pt"
+
+    async def _remove_state(self, job_id: int) -> None:
+        await asyncio.to_thread(self._state_path(job_id).unlink, missing_ok=True)
+
+    def _remove_stale_states(self, keep: set[int]) -> None:
+        """Delete state files of jobs that are no longer queued, and partial temporary files."""
+        if not self.state_dir.is_dir():
+            return
+        for path in self.state_dir.iterdir():
+            match = STATE_FILE_PATTERN.fullmatch(path.name)
+            if match is not None and int(match[1]) in keep:
+                continue
+            if match is not None or path.name.startswith(".job-"):
+                log.info("Removing stale job state %s", path)
+                path.unlink(missing_ok=True)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_bytes(data)
+    temporary.replace(path)

@@ -1,0 +1,359 @@
+"""The executor end to end: the real worker process running the generator on tiny models."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from bot.executor import Executor
+from bot.jobs import Job
+from bot.settings import Settings
+from bot.store import JobStore, NewJob
+from generator import GenerationRequest, Prompt
+from generator.png import read_png_metadata
+from generator.testing import TinyModels, build_tiny_models
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+GUILD = 1
+# Tiny models run about 35 iterations/s at 32x32 on one thread, so a LONG job runs long
+# enough for a test to act on it; those tests cancel or kill it within about a second.
+LONG = 3000
+
+
+@dataclass
+class Event:
+    kind: str
+    job_id: int
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+class RecordingEvents:
+    """JobEvents that records every call, standing in for the Discord layer."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    async def job_started(self, job: Job, resumed_at: int | None) -> None:
+        self.events.append(Event("started", job.id, {"resumed_at": resumed_at}))
+
+    async def job_progress(self, job: Job, iteration: int, total: int, png: bytes | None) -> None:
+        data = {"iteration": iteration, "total": total, "png": png}
+        self.events.append(Event("progress", job.id, data))
+
+    async def job_finished(self, job: Job, png: bytes, duration_s: float) -> None:
+        data = {"png": png, "duration_s": duration_s, "state": job.state}
+        self.events.append(Event("finished", job.id, data))
+
+    async def job_failed(self, job: Job, message: str) -> None:
+        self.events.append(Event("failed", job.id, {"message": message, "state": job.state}))
+
+    async def job_cancelled(self, job: Job) -> None:
+        self.events.append(Event("cancelled", job.id, {"state": job.state}))
+
+    def of(self, job_id: int, kind: str | None = None) -> list[Event]:
+        return [e for e in self.events if e.job_id == job_id and kind in (None, e.kind)]
+
+    def kinds(self, job_id: int) -> list[str]:
+        return [e.kind for e in self.of(job_id)]
+
+    async def wait_for(self, condition: Callable[[], bool], timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"timed out; events so far: {[(e.kind, e.job_id) for e in self.events]}"
+                )
+            await asyncio.sleep(0.02)
+
+    async def wait_final(self, job_id: int, timeout: float = 120.0) -> Event:
+        final = ("finished", "failed", "cancelled")
+        await self.wait_for(lambda: any(e.kind in final for e in self.of(job_id)), timeout)
+        return next(e for e in self.of(job_id) if e.kind in final)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> TinyModels:
+    return build_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture
+def settings(tmp_path, tiny_models) -> Settings:
+    return Settings(
+        data_dir=tmp_path / "data",
+        device="cpu",
+        vqgan_model=tiny_models.vqgan,
+        clip_models=(tiny_models.clip,),
+        threads=1,
+    )
+
+
+@pytest.fixture
+async def store(settings):
+    store = await JobStore.open(settings.database_path)
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+async def running(store, settings):
+    """An executor over the store, started, with recording events; stopped afterwards."""
+    events = RecordingEvents()
+    executor = Executor(store, settings, events)
+    await executor.start()
+    yield executor, events
+    await executor.stop(timeout=20)
+
+
+def request(tiny: TinyModels, iterations: int = 6, progress_every: int = 2, **changes) -> dict:
+    values = dict(
+        prompts=[Prompt("a red circle")],
+        seed=7,
+        width=32,
+        height=32,
+        iterations=iterations,
+        cutn=2,
+        vqgan=tiny.vqgan,
+        clip=(tiny.clip,),
+        progress_every=progress_every,
+    )
+    values.update(changes)
+    return GenerationRequest(**values).to_dict()
+
+
+async def enqueue(store: JobStore, executor: Executor, request_dict: dict, user: int = 1) -> Job:
+    new = NewJob(GUILD, 10, user, "a red circle", request_dict)
+    job, _ = await store.enqueue(new, per_user_limit=10, queue_limit=100)
+    executor.wake()
+    return job
+
+
+def open_png(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+async def test_jobs_complete_with_events_in_order(running, store, tiny_models):
+    executor, events = running
+    first = await enqueue(store, executor, request(tiny_models), user=1)
+    second = await enqueue(store, executor, request(tiny_models, seed=8), user=2)
+    pid = executor.info().worker_pid
+
+    finished = await events.wait_final(first.id)
+    await events.wait_final(second.id)
+
+    kinds = events.kinds(first.id)
+    assert kinds[0] == "started"
+    assert kinds[-1] == "finished"
+    assert set(kinds[1:-1]) == {"progress"}
+    assert events.of(first.id, "started")[0].data["resumed_at"] is None
+
+    progress = events.of(first.id, "progress")
+    iterations = [e.data["iteration"] for e in progress]
+    assert iterations == sorted(iterations)
+    assert iterations[-1] == 6
+    pictures = [e.data["png"] for e in progress if e.data["png"] is not None]
+    assert len(pictures) == 3  # iterations 2, 4 and 6
+    for png in pictures:
+        assert open_png(png).size == (32, 32)
+
+    image = open_png(finished.data["png"])
+    assert image.size == (32, 32)
+    assert image.mode == "RGB"
+    assert read_png_metadata(finished.data["png"])["prompt"] == "a red circle"
+    assert finished.data["state"] == "done"
+    assert finished.data["duration_s"] > 0
+
+    stored = await store.get(first.id)
+    assert stored.state == "done"
+    assert await asyncio.to_thread(Path(stored.result_path).read_bytes) == finished.data["png"]
+    assert not (executor.state_dir / f"job-{first.id}.pt").exists()
+    assert events.kinds(second.id)[-1] == "finished"
+
+    info = executor.info()
+    assert info.worker_pid == pid  # one warm worker served both jobs
+    assert info.worker_restarts == 0
+    assert info.device == "cpu"
+    assert info.is_cpu
+    assert info.models_loaded
+    assert info.busy_job_id is None
+    assert info.iterations_per_s > 0
+    assert await store.get_meta("iterations_per_s") == info.iterations_per_s
+
+
+async def test_failing_jobs_do_not_stop_queue(running, store, tiny_models):
+    executor, events = running
+    broken = request(tiny_models)
+    broken["prompts"][0]["weight"] = [1]  # a corrupt row: float([1]) raises TypeError
+    crashing = await enqueue(store, executor, broken, user=1)
+    invalid = await enqueue(
+        store, executor, request(tiny_models, init_image="/nonexistent/init.png"), user=2
+    )
+    healthy = await enqueue(store, executor, request(tiny_models), user=3)
+
+    crash_event = await events.wait_final(crashing.id)
+    invalid_event = await events.wait_final(invalid.id)
+    healthy_event = await events.wait_final(healthy.id)
+
+    assert crash_event.kind == "failed"
+    assert f"job {crashing.id}" in crash_event.data["message"]
+    assert "log" in crash_event.data["message"]
+    assert invalid_event.kind == "failed"
+    assert "/nonexistent/init.png" in invalid_event.data["message"]
+    assert "not found" in invalid_event.data["message"]
+    assert (await store.get(invalid.id)).error == invalid_event.data["message"]
+    assert healthy_event.kind == "finished"
+    assert executor.info().worker_restarts == 0
+
+
+async def test_cancel_running_job(running, store, tiny_models):
+    executor, events = running
+    long_job = await enqueue(store, executor, request(tiny_models, iterations=LONG))
+    after = await enqueue(store, executor, request(tiny_models), user=2)
+    await events.wait_for(lambda: len(events.of(long_job.id, "progress")) >= 2)
+
+    running_eta = await executor.eta_seconds(long_job.id)
+    waiting_eta = await executor.eta_seconds(after.id)
+    cancelled = await store.cancel(long_job.id, 1, admin=False, guild_id=GUILD)
+    requested = time.monotonic()
+    assert await executor.cancel(long_job.id)
+    final = await events.wait_final(long_job.id)
+
+    assert 0 < running_eta < waiting_eta
+    assert cancelled.started_at is not None
+    assert final.kind == "cancelled"
+    assert time.monotonic() - requested < 5
+    last_iteration = events.of(long_job.id, "progress")[-1].data["iteration"]
+    assert last_iteration < LONG
+    assert (await store.get(long_job.id)).state == "cancelled"
+    assert (await events.wait_final(after.id)).kind == "finished"
+    assert not await executor.cancel(long_job.id)
+
+
+async def test_cancel_through_store_only(running, store, tiny_models):
+    executor, events = running
+    long_job = await enqueue(store, executor, request(tiny_models, iterations=LONG))
+    await events.wait_for(lambda: events.of(long_job.id, "progress"))
+
+    await store.cancel(long_job.id, 1, admin=False, guild_id=GUILD)
+
+    assert (await events.wait_final(long_job.id, timeout=30)).kind == "cancelled"
+    assert executor.info().busy_job_id is None
+
+
+async def wait_saved_state(store: JobStore, job_id: int) -> int:
+    deadline = time.monotonic() + 120
+    while (saved := (await store.get(job_id)).saved_iteration) is None:
+        assert time.monotonic() < deadline, "no state was saved"
+        await asyncio.sleep(0.02)
+    return saved
+
+
+async def test_worker_killed_mid_job(running, store, tiny_models):
+    executor, events = running
+    job = await enqueue(store, executor, request(tiny_models, iterations=120, progress_every=20))
+    after = await enqueue(store, executor, request(tiny_models), user=2)
+    await wait_saved_state(store, job.id)
+    killed_pid = executor.info().worker_pid
+
+    os.kill(killed_pid, signal.SIGKILL)
+    final = await events.wait_final(job.id)
+    await events.wait_final(after.id)
+
+    assert final.kind == "finished"
+    starts = events.of(job.id, "started")
+    assert len(starts) == 2
+    resumed_at = starts[1].data["resumed_at"]
+    assert resumed_at is not None
+    assert resumed_at % 20 == 0
+    stored = await store.get(job.id)
+    assert stored.state == "done"
+    assert stored.attempts == 1
+    assert events.kinds(after.id)[-1] == "finished"
+    info = executor.info()
+    assert info.worker_restarts == 1
+    assert info.worker_pid not in (None, killed_pid)
+
+
+async def test_worker_killed_too_often_fails_job(running, store, tiny_models):
+    executor, events = running
+    job = await enqueue(store, executor, request(tiny_models, iterations=LONG, progress_every=20))
+    after = await enqueue(store, executor, request(tiny_models), user=2)
+    await wait_saved_state(store, job.id)
+    # As if this were the third crash of the job.
+    async with store._lock:
+        await store._db.execute("UPDATE jobs SET attempts = 2 WHERE id = ?", (job.id,))
+
+    os.kill(executor.info().worker_pid, signal.SIGKILL)
+    final = await events.wait_final(job.id)
+
+    assert final.kind == "failed"
+    assert "interrupted 3 times" in final.data["message"]
+    assert (await store.get(job.id)).state == "failed"
+    assert not (executor.state_dir / f"job-{job.id}.pt").exists()
+    assert (await events.wait_final(after.id)).kind == "finished"
+
+
+async def test_stop_requeues_and_restart_resumes(store, settings, tiny_models):
+    events = RecordingEvents()
+    executor = Executor(store, settings, events)
+    await executor.start()
+    job = await enqueue(store, executor, request(tiny_models, iterations=120, progress_every=20))
+    saved = await wait_saved_state(store, job.id)
+
+    started = time.monotonic()
+    await executor.stop(timeout=20)
+
+    assert time.monotonic() - started < 20
+    stopped = await store.get(job.id)
+    assert stopped.state == "queued"
+    assert stopped.priority == 1
+    assert stopped.attempts == 0
+    assert stopped.saved_iteration >= saved
+    assert (executor.state_dir / f"job-{job.id}.pt").exists()
+    assert events.kinds(job.id)[-1] == "progress"
+
+    # A new executor removes stale state files and resumes the job from its saved state.
+    stale = executor.state_dir / "job-9999.pt"
+    stale.write_bytes(b"stale")
+    partial = executor.state_dir / ".job-9999.pt.partial"
+    partial.write_bytes(b"partial")
+    restarted = Executor(store, settings, events)
+    recovered = await restarted.start()
+    try:
+        assert recovered == []
+        assert not stale.exists()
+        assert not partial.exists()
+        final = await events.wait_final(job.id)
+    finally:
+        await restarted.stop(timeout=20)
+
+    assert final.kind == "finished"
+    starts = events.of(job.id, "started")
+    assert [e.data["resumed_at"] for e in starts] == [None, stopped.saved_iteration]
+    assert events.of(job.id, "progress")[-1].data["iteration"] == 120
+    assert not (executor.state_dir / f"job-{job.id}.pt").exists()
+
+
+def test_bot_process_does_not_import_torch():
+    code = (
+        "import sys, bot.executor, bot.store, bot.worker, bot.guild_config\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPOSITORY, capture_output=True, text=True, timeout=60
+    )
+
+    assert result.returncode == 0, result.stderr
