@@ -189,7 +189,7 @@ def _parse_negative_option(negative: str | None) -> list[Prompt]:
     if not any(items) or not all(items):
         raise OptionsError(
             f"The negative `{negative}` has an empty item: list the things to avoid separated "
-            f"by single commas, for example `negative: fog, people`."
+            f"by single commas, for example `{EXAMPLE} negative: fog, people`."
         )
     return [Prompt(item, -1.0) for item in items]
 
@@ -220,7 +220,8 @@ def _image_size(aspect: str | None, size: int | None, limits: Limits) -> tuple[i
     if size is not None and not step <= size <= limits.max_size:
         raise OptionsError(
             f"The size {size} is out of range: the longest side can be {step} to "
-            f"{limits.max_size} pixels here, for example `size: {min(256, limits.max_size)}`."
+            f"{limits.max_size} pixels here, "
+            f"for example `{EXAMPLE} size: {min(256, limits.max_size)}`."
         )
     longest = max(step, longest // step * step)
     if aspect is None:
