@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
     """Tiny random-weight VQGAN and CLIP files in the real formats, built once per session.
 
-    The result holds spec strings (``vqgan``: a checkpoint path, ``clip``: a
+    The result contains spec strings (``vqgan``: a checkpoint path, ``clip``: a
     ``MODEL/PRETRAINED`` spec) for ``load_models`` and the command line.
     """
     from generator.testing import build_tiny_models

@@ -1,4 +1,4 @@
-"""The command line, run as a user runs it: ``python -m generator`` in a subprocess."""
+"""The command line, through main() in-process and end to end as ``python -m generator``."""
 
 from __future__ import annotations
 

@@ -405,7 +405,7 @@ def test_clip_ensemble(tiny_models: TinyModels, request_for: Any) -> None:
     single: list[Progress] = []
     single_models = dataclasses.replace(ensemble, clips=ensemble.clips[:1])
     generate(request_for(iterations=1), single.append, models=single_models, threads=1)
-    # Each CLIP model sees its own cutouts, so the sum is near, not exactly, twice one model.
+    # Each CLIP model gets its own cutouts, so the sum is near, not exactly, twice one model.
     ratio = calls[0].losses["a red apple"] / single[0].losses["a red apple"]
     assert 1.6 < ratio < 2.4
 
