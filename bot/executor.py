@@ -52,7 +52,7 @@ JOB_INTERNAL_ERROR = (
 
 
 class WorkerError(RuntimeError):
-    """The worker process could not be started or stopped answering."""
+    """The worker process failed to start or exited before reporting its device."""
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ class _WorkerHandle:
         )
         self.process.start()
         self.pid: int | None = self.process.pid
-        # The child holds the only other end now, so its exit ends our reads with EOFError.
+        # Only the child has the other end now, so its exit ends our reads with EOFError.
         child_connection.close()
 
         self._messages: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
@@ -287,10 +287,12 @@ class Executor:
             self._worker.stop_event.set()
 
         task = self._task
+        graceful = True
         if task is not None:
             done, _ = await asyncio.wait({task}, timeout=timeout)
             if not done:
                 log.warning("The dispatcher did not stop within %.0f s; cancelling it", timeout)
+                graceful = False
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -298,7 +300,8 @@ class Executor:
             log.info("Job %d requeued at shutdown", running.id)
 
         if self._worker is not None:
-            await self._worker.shutdown()
+            # A worker still inside a long iteration gets only a moment before SIGTERM.
+            await self._worker.shutdown(WORKER_EXIT_TIMEOUT_S if graceful else 1.0)
             self._worker = None
         log.info("The executor stopped")
 
@@ -339,8 +342,8 @@ class Executor:
                 log.error("Job %d failed: the generator worker could not start: %s", job.id, error)
                 await self._fail(job, WORKER_START_FAILED)
                 return
-            await self._send_job(worker, job)
-            await self._relay(worker, job)
+            if await self._send_job(worker, job):
+                await self._relay(worker, job)
         except Exception:
             log.exception("Job %d: handling failed", job.id)
             await self._fail(job, JOB_INTERNAL_ERROR.format(job_id=job.id))
@@ -348,10 +351,21 @@ class Executor:
         finally:
             self._current = None
 
-    async def _send_job(self, worker: _WorkerHandle, job: Job) -> None:
+    async def _send_job(self, worker: _WorkerHandle, job: Job) -> bool:
+        """Send ``job`` to the worker; return False if it was cancelled before it started."""
         state_path = self._state_path(job.id)
         resume = await asyncio.to_thread(state_path.exists)
         worker.cancel_event.clear()
+
+        # A cancel that came between next_job() and now found no running job to stop.
+        stored = await self._store.get(job.id)
+        if stored is None or stored.state != "running":
+            log.info("Job %d was cancelled before it started", job.id)
+            await self._remove_state(job.id)
+            if stored is not None:
+                await self._emit("job_cancelled", stored)
+            return False
+
         log.info("Job %d started%s", job.id, " (resuming)" if resume else "")
         # A send to a dead worker is noticed by _relay, which reads the pipe's end.
         with contextlib.suppress(WorkerError):
@@ -364,6 +378,7 @@ class Executor:
                     "resume": resume,
                 }
             )
+        return True
 
     async def _relay(self, worker: _WorkerHandle, job: Job) -> None:
         """Pass the worker's messages about ``job`` on until its final one."""

@@ -53,7 +53,7 @@ Kind = Literal["int", "channels", "words"]
 
 
 class ConfigError(ValueError):
-    """An invalid /config key or value; the message says what is allowed."""
+    """An invalid /config key or value. The message states the allowed keys or values."""
 
 
 @dataclass(frozen=True)

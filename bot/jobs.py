@@ -58,12 +58,12 @@ class Job:
 
     @property
     def iterations(self) -> int:
-        """The number of iterations the request asks for."""
+        """The number of iterations in the request."""
         return int(self.request.get("iterations", 0))
 
 
 class JobEvents(Protocol):
-    """What the executor reports about jobs; the Discord layer implements it.
+    """Job events from the executor, implemented by the Discord layer.
 
     Every method is awaited on the bot's event loop; an exception it raises is logged and
     does not stop the job. ``message`` in ``job_failed`` is meant for users.

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import signal
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -57,7 +58,7 @@ OUT_OF_MEMORY = (
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    """What the worker needs from the operator's settings (picklable for spawn)."""
+    """The operator settings a worker needs, picklable for the spawn start method."""
 
     device: str
     vqgan: str
@@ -90,11 +91,14 @@ class _AnyEvent:
 def worker_main(
     connection: Connection, cancel_event: Event, stop_event: Event, config: WorkerConfig
 ) -> None:
-    """Run jobs received on ``connection`` until told to exit or the pipe closes.
+    """Run jobs received on ``connection`` until an ``exit`` message or the pipe closes.
 
     ``cancel_event`` stops the running job (reported as ``cancelled``); ``stop_event`` stops
     it for a shutdown (reported as ``stopped``, its last saved state kept) and ends the worker.
     """
+    # Ctrl+C in a terminal reaches the whole process group. The bot's graceful stop()
+    # handles it for the worker, so the worker must not die of it mid-job.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     job_filter = _configure_logging(config.log_level)
     worker = _Worker(connection, cancel_event, stop_event, config, job_filter)
     try:

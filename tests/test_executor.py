@@ -357,3 +357,18 @@ def test_bot_process_does_not_import_torch():
     )
 
     assert result.returncode == 0, result.stderr
+
+
+def test_real_allocation_failure_counts_as_out_of_memory():
+    import torch
+
+    from bot.worker import _is_out_of_memory, _oom_message
+
+    with pytest.raises(RuntimeError) as raised:
+        torch.empty(2**50, dtype=torch.uint8)  # a petabyte
+
+    assert _is_out_of_memory(raised.value)
+    assert not _is_out_of_memory(RuntimeError("shape mismatch"))
+    message = _oom_message(GenerationRequest([Prompt("x")], seed=1, width=512, height=384))
+    assert "512x384" in message
+    assert "256x192" in message
