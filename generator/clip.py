@@ -4,6 +4,8 @@ A CLIP is named by a spec ``MODEL/PRETRAINED``: MODEL is an open_clip
 architecture (``ViT-B-32``) and PRETRAINED is either an open_clip tag
 (``openai``, ``laion2b_s34b_b79k``) or the path of a weights file
 (``ViT-B-32//models/clip.safetensors``, ``ViT-B-32/weights/clip.pt``).
+The tag ``random`` builds the architecture with random weights, for speed
+measurements and tests; its embeddings mean nothing.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ logger = logging.getLogger(__name__)
 _SCHEMA_PREFIXES = ("hf-hub:", "local-dir:")
 # Architectures shipped with open_clip, before any add_model_config call.
 _BUILTIN_MODELS = frozenset(open_clip.list_models())
+# PRETRAINED value that asks for the architecture with random weights.
+RANDOM_WEIGHTS = "random"
 
 
 @dataclass(frozen=True)
@@ -201,14 +205,18 @@ def _register_local_config(spec: ClipSpec) -> None:
         )
 
 
-def _quick_gelu_for_tag(spec: ClipSpec) -> bool:
-    """Check that the tag exists for the model; return whether its weights need QuickGELU."""
+def _check_architecture(spec: ClipSpec) -> None:
     if spec.model not in open_clip.list_models():
         raise ModelError(
             f"Unknown CLIP architecture {spec.model!r} in {spec.spec!r}. "
             "Examples of valid names: ViT-B-32, ViT-B-16, ViT-L-14, RN50 "
             f"({len(open_clip.list_models())} in all, see open_clip.list_models())."
         )
+
+
+def _quick_gelu_for_tag(spec: ClipSpec) -> bool:
+    """Check that the tag exists for the model; return whether its weights need QuickGELU."""
+    _check_architecture(spec)
     tags = open_clip.list_pretrained_tags_by_model(spec.model)
     if spec.pretrained not in tags:
         raise ModelError(
@@ -229,6 +237,10 @@ def _create_model(spec: ClipSpec, device: torch.device, models_dir: Path | None)
         _register_local_config(spec)
         pretrained, quick_gelu = str(spec.weights_path), False
     elif spec.pretrained is None:
+        pretrained, quick_gelu = None, False
+    elif spec.pretrained == RANDOM_WEIGHTS:
+        _check_architecture(spec)
+        logger.warning("CLIP %s has random weights: its guidance means nothing.", spec.spec)
         pretrained, quick_gelu = None, False
     else:
         pretrained, quick_gelu = spec.pretrained, _quick_gelu_for_tag(spec)
@@ -274,7 +286,8 @@ def load_clip(
 
     Args:
         spec: ``MODEL/TAG``, whose weights are downloaded into `models_dir` when
-            missing, or ``MODEL/PATH`` for a local weights file. When open_clip
+            missing, ``MODEL/PATH`` for a local weights file, or ``MODEL/random``
+            for random weights (speed measurements only). When open_clip
             does not know MODEL, the JSON config ``MODEL.json`` beside the file
             is registered.
         device: where to put the model.

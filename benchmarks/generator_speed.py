@@ -1,0 +1,353 @@
+"""Seconds per iteration of the generator with the real architectures and random weights.
+
+The models are CLIP ViT-B/32 (open_clip's ``ViT-B-32-quickgelu``, wrapped by
+``load_clip`` as for OpenAI's weights) and the vqgan_imagenet_f16_16384
+autoencoder, both built from their configs with random weights: no download is
+needed, and the time of a step does not depend on the weight values.
+
+For each setting (output side and cutouts) a fresh child process builds the
+models and then measures:
+
+- ``total``: the real ``generate()`` loop, timed between progress callbacks.
+  The first iteration (warm-up) and the last (it also decodes the final
+  image) are left out, so ``--iterations N`` runs N + 2 iterations.
+- the split of one step, from a copy of the step with a timer between stages:
+  decode (quantise, decode, clamp), cutouts (crops and augmentation), CLIP
+  forward (embedding and losses), backward (all stages), optimiser step.
+- peak resident memory of the child process, and on CUDA the peak memory
+  allocated by torch.
+
+Run from the repository root::
+
+    python benchmarks/generator_speed.py --iterations 3 --json speed.json
+
+Figures are medians over the timed iterations. Other processes on the machine
+slow every stage down, so the load average is recorded with the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from generator import GenerationRequest, Models, Progress, generate, parse_prompts  # noqa: E402
+from generator.clip import Clip, load_clip  # noqa: E402
+from generator.cutouts import MakeCutouts, normalize  # noqa: E402
+from generator.losses import PromptTarget, clamp_with_grad, quantize_latent  # noqa: E402
+from generator.models import resolve_device  # noqa: E402
+from generator.vqgan import VQGAN, VQGANConfig  # noqa: E402
+
+CLIP_SPEC = "ViT-B-32-quickgelu/random"
+PROMPT = "a lighthouse on a cliff at dusk, oil painting"
+STAGES = ("decode", "cutouts", "clip_forward", "backward", "optimiser")
+DEFAULT_SETTINGS = "256:32,128:16"
+
+# The ddconfig of vqgan_imagenet_f16_16384 (taming's model.yaml for that checkpoint).
+F16_16384_DDCONFIG: dict[str, Any] = {
+    "double_z": False,
+    "z_channels": 256,
+    "resolution": 256,
+    "in_channels": 3,
+    "out_ch": 3,
+    "ch": 128,
+    "ch_mult": (1, 1, 2, 2, 4),
+    "num_res_blocks": 2,
+    "attn_resolutions": (16,),
+    "dropout": 0.0,
+}
+
+
+def build_vqgan(device: torch.device) -> VQGAN:
+    """Build the vqgan_imagenet_f16_16384 architecture with random weights, frozen."""
+    config = VQGANConfig(ddconfig=dict(F16_16384_DDCONFIG), n_embed=16384, embed_dim=256)
+    model = VQGAN(config, name="vqgan_imagenet_f16_16384 (random weights)")
+    return model.to(device).eval().requires_grad_(False)
+
+
+def build_models(device: torch.device) -> Models:
+    """Build the VQGAN and CLIP ViT-B/32 with random weights (seeded, so runs repeat)."""
+    torch.manual_seed(0)
+    return Models(vqgan=build_vqgan(device), clips=[load_clip(CLIP_SPEC, device)], device=device)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work, so that a timer reads the work's true end."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_generate(
+    models: Models, side: int, cutn: int, iterations: int, threads: int
+) -> list[float]:
+    """Run ``generate`` for iterations + 2 steps; return the seconds of the middle ones."""
+    stamps: list[float] = []
+
+    def progress(_: Progress) -> None:
+        synchronize(models.device)
+        stamps.append(time.perf_counter())
+
+    request = GenerationRequest(
+        prompts=parse_prompts(PROMPT),
+        seed=0,
+        width=side,
+        height=side,
+        iterations=iterations + 2,
+        cutn=cutn,
+    )
+    generate(request, progress, models=models, threads=threads)
+    # stamps[k] follows step k + 1. The first interval is step 2 (step 1 warms up),
+    # and the interval of the last step, which also decodes the final image, is dropped.
+    return [later - earlier for earlier, later in itertools.pairwise(stamps[:-1])]
+
+
+class _Stopwatch:
+    """Accumulates the seconds between calls to ``lap`` under stage names."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.laps: dict[str, float] = dict.fromkeys(STAGES, 0.0)
+        self.last = time.perf_counter()
+
+    def start(self) -> None:
+        synchronize(self.device)
+        self.last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        synchronize(self.device)
+        now = time.perf_counter()
+        self.laps[stage] += now - self.last
+        self.last = now
+
+
+def _targets(clip: Clip) -> list[PromptTarget]:
+    with torch.no_grad():
+        embedding = clip.encode_text([PROMPT])[0].float()
+    return [PromptTarget(PROMPT, embedding, 1.0)]
+
+
+def time_split(models: Models, side: int, cutn: int, iterations: int) -> list[dict[str, float]]:
+    """Time the stages of the step ``generate`` takes; return one dict per timed iteration.
+
+    The step is the loop's own sequence of public building blocks (see
+    ``generator.generate._Run._step``), with a synchronising timer between
+    stages. The first step is a warm-up and is not returned.
+    """
+    vqgan, device = models.vqgan, models.device
+    codebook = vqgan.codebook.detach()
+    z_min = codebook.min(dim=0).values.view(1, -1, 1, 1)
+    z_max = codebook.max(dim=0).values.view(1, -1, 1, 1)
+    cells = side // vqgan.factor
+    indices = torch.randint(codebook.shape[0], (cells * cells,)).to(device)
+    z = codebook.index_select(0, indices).view(1, cells, cells, -1).permute(0, 3, 1, 2)
+    z = z.contiguous().requires_grad_(True)
+    optimizer = torch.optim.Adam([z], lr=0.1)
+    guides = [(clip, MakeCutouts(clip.input_size, cutn), _targets(clip)) for clip in models.clips]
+
+    results = []
+    for _ in range(iterations + 1):
+        watch = _Stopwatch(device)
+        watch.start()
+        optimizer.zero_grad(set_to_none=True)
+        decoded = vqgan.decode(quantize_latent(z, codebook))
+        image = clamp_with_grad(decoded.add(1).div(2), 0.0, 1.0)
+        watch.lap("decode")
+
+        losses = []
+        for clip, cutouts, targets in guides:
+            batch = normalize(cutouts(image), clip.mean, clip.std)
+            watch.lap("cutouts")
+            embeddings = clip.encode_image(batch)
+            losses += [target.loss(embeddings) for target in targets]
+            watch.lap("clip_forward")
+
+        torch.stack(losses).sum().backward()
+        watch.lap("backward")
+        optimizer.step()
+        with torch.no_grad():
+            z.copy_(torch.maximum(torch.minimum(z, z_max), z_min))
+        watch.lap("optimiser")
+        results.append(watch.laps)
+    return results[1:]
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def measure_setting(
+    device: torch.device, side: int, cutn: int, iterations: int, threads: int
+) -> dict[str, Any]:
+    """Build the models and measure one setting in this process; return a JSON-safe dict."""
+    torch.set_num_threads(threads)
+    started = time.perf_counter()
+    models = build_models(device)
+    build_s = time.perf_counter() - started
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    load_before = os.getloadavg()[0]
+    totals = time_generate(models, side, cutn, iterations, threads)
+    torch.set_num_threads(threads)
+    splits = time_split(models, side, cutn, iterations)
+    load_after = os.getloadavg()[0]
+
+    peak_cuda = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {
+        "side": side,
+        "cutn": cutn,
+        "device": str(device),
+        "threads": threads,
+        "iterations": iterations,
+        "build_s": build_s,
+        "total_s": statistics.median(totals),
+        "total_all_s": totals,
+        "split_s": {stage: statistics.median(s[stage] for s in splits) for stage in STAGES},
+        "split_sum_s": statistics.median(sum(s.values()) for s in splits),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_cuda_bytes": peak_cuda,
+        "load_average": [load_before, load_after],
+    }
+
+
+def parse_settings(text: str) -> list[tuple[int, int]]:
+    """Parse ``SIDE:CUTN,SIDE:CUTN`` (for example ``256:32,128:16``) into pairs."""
+    settings = []
+    for part in text.split(","):
+        side, _, cutn = part.strip().partition(":")
+        if not (side.isdigit() and cutn.isdigit() and int(side) > 0 and int(cutn) > 0):
+            raise argparse.ArgumentTypeError(
+                f"Invalid setting {part!r}: write SIDE:CUTN, for example 256:32 (pixels, cutouts)."
+            )
+        settings.append((int(side), int(cutn)))
+    return settings
+
+
+def machine_info(threads: int, device: torch.device) -> dict[str, Any]:
+    """Describe the CPU (and GPU), torch and the thread count for the results."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": threads,
+        "python": platform.python_version(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def run_child(args: argparse.Namespace, side: int, cutn: int) -> dict[str, Any]:
+    """Measure one setting in a fresh process, so that its peak memory is its own."""
+    command = [
+        sys.executable,
+        __file__,
+        "--device", args.device,
+        "--iterations", str(args.iterations),
+        "--threads", str(args.threads),
+        "--child", f"{side}:{cutn}",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        sys.stderr.write(done.stderr)
+        raise SystemExit(f"Measuring {side}x{side} with {cutn} cutouts failed (see above).")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def markdown_table(results: list[dict[str, Any]]) -> str:
+    """Format results as a markdown table (seconds per iteration, GiB)."""
+    lines = [
+        "| output, cutouts | s/iteration | decode | cutouts | CLIP fwd | backward | optimiser "
+        "| peak RSS | peak CUDA | load |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        split = r["split_s"]
+        cuda = f"{r['peak_cuda_bytes'] / 2**30:.2f} GiB" if r["peak_cuda_bytes"] else "-"
+        load = "–".join(f"{value:.1f}" for value in r["load_average"])
+        rss = r["peak_rss_bytes"] / 2**30
+        lines.append(
+            f"| {r['side']}², {r['cutn']} | {r['total_s']:.2f} | {split['decode']:.2f} "
+            f"| {split['cutouts']:.2f} | {split['clip_forward']:.2f} | {split['backward']:.2f} "
+            f"| {split['optimiser']:.3f} | {rss:.2f} GiB | {cuda} | {load} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    parser.add_argument(
+        "--iterations", type=int, default=3, help="timed iterations per setting (default 3)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: usable cores)"
+    )
+    parser.add_argument(
+        "--sizes",
+        type=parse_settings,
+        default=parse_settings(DEFAULT_SETTINGS),
+        help=f"SIDE:CUTN pairs, comma-separated (default {DEFAULT_SETTINGS})",
+    )
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    parser.add_argument("--child", type=parse_settings, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.iterations < 1:
+        parser.error(f"--iterations is {args.iterations}: use 1 or more.")
+    if args.threads is None:
+        args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1
+        )
+    if args.threads < 1:
+        parser.error(f"--threads is {args.threads}: use 1 or more.")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure each setting in a child process and print a markdown table."""
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    if args.child:
+        (side, cutn), = args.child
+        print(json.dumps(measure_setting(device, side, cutn, args.iterations, args.threads)))
+        return 0
+
+    results = []
+    for side, cutn in args.sizes:
+        print(f"Measuring {side}x{side} with {cutn} cutouts on {device}...", file=sys.stderr)
+        results.append(run_child(args, side, cutn))
+    info = machine_info(args.threads, device)
+    print(f"{info['cpu']}, {info['cores']} cores, torch {info['torch']}, {args.threads} threads")
+    print(markdown_table(results))
+    if args.json:
+        args.json.write_text(json.dumps({"machine": info, "results": results}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
