@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 REFRESH_INTERVAL = 1.0
 # Tiny models make noise pictures at any size; larger sizes only make the sandbox slower.
 TINY_MAX_SIZE = 128
+DEMO_PROMPT = "a lighthouse at dusk, oil painting --no fog --iter 30"
 
 
 def real_weights_present(settings: Settings) -> bool:
@@ -63,34 +64,44 @@ async def _run(settings: Settings, *, port: int | None, tiny: bool) -> None:
     from bot.client import create_bot
 
     workdir = Path(tempfile.mkdtemp(prefix="imagine-sandbox-"))
+    tiny = tiny or not real_weights_present(settings)
     settings = await _sandbox_settings(settings, workdir, tiny)
     bot = create_bot(settings)
     print(f"Sandbox data in {workdir}", flush=True)
 
     # Errors the bot handles are logged; the sandbox does not fail on them as a test would.
     async with simcord.run(bot, check_errors=False) as env:
-        guild = env.create_guild("imagine sandbox")
-        admins = guild.create_role("Admins", permissions=discord.Permissions(manage_guild=True))
-        channel = guild.create_text_channel("imagine")
-        ada = guild.add_member(env.create_user("ada", global_name="Ada (admin)"), roles=[admins])
-        bob = guild.add_member(env.create_user("bob", global_name="Bob"))
+        try:
+            guild = env.create_guild("imagine sandbox")
+            admins = guild.create_role(
+                "Admins", permissions=discord.Permissions(manage_guild=True)
+            )
+            channel = guild.create_text_channel("imagine")
+            ada = guild.add_member(
+                env.create_user("ada", global_name="Ada (admin)"), roles=[admins]
+            )
+            bob = guild.add_member(env.create_user("bob", global_name="Bob"))
+            if tiny:
+                # Tiny models finish in seconds, so the page opens on a finished example.
+                await ada.slash(channel, "imagine", prompt=DEMO_PROMPT)
 
-        preview = env.preview(channel, viewers=[ada, bob], layout="channel", port=port)
-        async with preview:
-            print(f"Sandbox ready: open {preview.url}", flush=True)
-            print("Type /imagine in the page; press Ctrl-C here to stop.", flush=True)
-            await _refresh_until_closed(preview)
-        await bot.close()
+            preview = env.preview(channel, viewers=[ada, bob], layout="channel", port=port)
+            async with preview:
+                print(f"Sandbox ready: open {preview.url}", flush=True)
+                print("Type /imagine in the page; press Ctrl-C here to stop.", flush=True)
+                await _refresh_until_closed(preview)
+        finally:
+            await bot.close()
 
 
 async def _sandbox_settings(settings: Settings, workdir: Path, tiny: bool) -> Settings:
-    if not tiny and real_weights_present(settings):
+    """Return the settings of the sandbox bot: data in ``workdir``, tiny models if ``tiny``."""
+    if not tiny:
         return settings.replace(data_dir=workdir, models_dir=settings.models_dir)
 
     from generator.testing import build_tiny_models
 
-    if not tiny:
-        print("No VQGAN checkpoint in the models directory: using tiny random-weight models.")
+    print("Using tiny random-weight models: pictures are noise, but take seconds.")
     models = await asyncio.to_thread(build_tiny_models, workdir / "models")
     return settings.replace(
         data_dir=workdir,
