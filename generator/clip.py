@@ -20,7 +20,7 @@ from pathlib import Path
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import ResidualAttentionBlock
+from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import Tensor, nn
 
 from generator.errors import ModelError
@@ -171,6 +171,65 @@ def use_sdpa_attention(model: nn.Module) -> int:
     return changed
 
 
+class PatchEmbedding(nn.Module):
+    """A ViT's patch embedding (a convolution whose stride equals its kernel) as one matmul.
+
+    Computes what the wrapped ``nn.Conv2d`` computes, with the same weight
+    tensor, and returns the same (N, width, rows, columns) layout. The
+    convolution's input gradient runs several times slower on the CPU than the
+    matrix multiplication it amounts to.
+    """
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.patch = (int(conv.kernel_size[0]), int(conv.kernel_size[1]))
+
+    @staticmethod
+    def fits(conv: nn.Module) -> bool:
+        """Whether ``conv`` is a plain convolution over non-overlapping patches."""
+        return (
+            type(conv) is nn.Conv2d
+            and tuple(conv.stride) == tuple(conv.kernel_size)
+            and tuple(conv.padding) == (0, 0)
+            and tuple(conv.dilation) == (1, 1)
+            and conv.groups == 1
+            and conv.padding_mode == "zeros"
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, channels, height, width = x.shape
+        (ph, pw), out_channels = self.patch, self.weight.shape[0]
+        rows, columns = height // ph, width // pw
+        # A strided convolution ignores pixels past the last whole patch.
+        x = x[:, :, : rows * ph, : columns * pw]
+
+        # (N, C, rows, ph, columns, pw) -> (N, rows * columns, C * ph * pw), in the
+        # order of the weight's (C, ph, pw) axes.
+        patches = x.reshape(batch, channels, rows, ph, columns, pw)
+        patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(batch, rows * columns, -1)
+        out = F.linear(patches, self.weight.reshape(out_channels, -1), self.bias)
+
+        # The caller flattens and transposes this back to (N, rows * columns, width),
+        # which is then a view of `out` without a copy.
+        return out.transpose(1, 2).reshape(batch, out_channels, rows, columns)
+
+
+def use_matmul_patch_embedding(model: nn.Module) -> int:
+    """Replace each vision tower's patch convolution ``conv1`` by a PatchEmbedding.
+
+    The state_dict keys and values stay the same. Returns how many were replaced.
+    """
+    changed = 0
+    for module in model.modules():
+        conv = getattr(module, "conv1", None)
+        if isinstance(module, VisionTransformer) and PatchEmbedding.fits(conv):
+            module.conv1 = PatchEmbedding(conv)
+            changed += 1
+    return changed
+
+
 def _read_json(path: Path) -> object:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -281,6 +340,7 @@ def load_clip(
     models_dir: Path | None = None,
     *,
     sdpa_attention: bool = True,
+    matmul_patch_embedding: bool = True,
 ) -> Clip:
     """Load a frozen CLIP from a ``MODEL/PRETRAINED`` spec.
 
@@ -294,6 +354,9 @@ def load_clip(
         models_dir: download cache for tagged weights; open_clip's default when None.
         sdpa_attention: compute self-attention with scaled_dot_product_attention
             (same results, faster with gradients); see use_sdpa_attention.
+        matmul_patch_embedding: compute the patch embedding as a matrix
+            multiplication (same results, faster with gradients); see
+            use_matmul_patch_embedding.
 
     Returns:
         A Clip in eval mode with gradients disabled for its parameters.
@@ -311,6 +374,8 @@ def load_clip(
     model.eval().requires_grad_(False)
     if sdpa_attention:
         use_sdpa_attention(model)
+    if matmul_patch_embedding:
+        use_matmul_patch_embedding(model)
 
     preprocess = open_clip.get_model_preprocess_cfg(model)
     size = preprocess.get("size", 224)
