@@ -42,8 +42,8 @@ REQUIRED_DDCONFIG_KEYS = (
 
 
 def swish(x: Tensor) -> Tensor:
-    """Swish (SiLU) nonlinearity, x * sigmoid(x)."""
-    return x * torch.sigmoid(x)
+    """Swish (SiLU) nonlinearity, x * sigmoid(x), in one pass over memory."""
+    return F.silu(x)
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -60,11 +60,60 @@ class Upsample(nn.Module):
         if with_conv:
             self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=1, padding=1)
 
+        # Whether forward folds the upsampling into the convolution (same result,
+        # fewer multiply-adds); False gives taming's literal sequence.
+        self.folded = True
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.with_conv and self.folded and _foldable(self.conv):
+            return upsample_conv(x, self.conv.weight, self.conv.bias)
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         if self.with_conv:
             x = self.conv(x)
         return x
+
+
+def _foldable(conv: nn.Conv2d) -> bool:
+    return (
+        tuple(conv.kernel_size) == (3, 3)
+        and tuple(conv.stride) == (1, 1)
+        and tuple(conv.padding) == (1, 1)
+        and tuple(conv.dilation) == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+    )
+
+
+def _fold_taps(weight: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """Fold a 3-tap kernel axis into the 2-tap kernels of the even and odd output phases.
+
+    Along an upsampled axis, even output 2i reads inputs i-1, i, i (taps 0, 1, 2)
+    and odd output 2i+1 reads i, i, i+1.
+    """
+    t0, t1, t2 = weight.unbind(dim)
+    return torch.stack([t0, t1 + t2], dim), torch.stack([t0 + t1, t2], dim)
+
+
+def upsample_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``conv3x3(nearest_upsample_2x(x))`` (zero padding 1) computed at the input's resolution.
+
+    Each of the four output phases (even or odd row, even or odd column) sees
+    only a 2x2 neighbourhood of input pixels, so its 3x3 kernel folds into a
+    2x2 kernel: 16 instead of 36 multiply-adds per input pixel and channel
+    pair. The result equals the upsample-then-convolve sequence up to float
+    rounding.
+    """
+    batch, _, height, width = x.shape
+    padded = F.pad(x, (1, 1, 1, 1))
+    phases = []
+    for row, row_kernel in enumerate(_fold_taps(weight, 2)):
+        for column, kernel in enumerate(_fold_taps(row_kernel, 3)):
+            window = padded[:, :, row : row + height + 1, column : column + width + 1]
+            phases.append(F.conv2d(window, kernel, bias))
+
+    # Channel c * 4 + row * 2 + column of the stack goes to pixel (2i + row, 2j + column).
+    stacked = torch.stack(phases, dim=2).reshape(batch, -1, height, width)
+    return F.pixel_shuffle(stacked, 2)
 
 
 class Downsample(nn.Module):
