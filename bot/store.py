@@ -96,7 +96,7 @@ class JobStore:
         connection = await aiosqlite.connect(path, isolation_level=None)
         connection.row_factory = sqlite3.Row
         for pragma in _PRAGMAS:
-            await connection.execute(pragma)
+            await connection.execute_fetchall(pragma)
         return cls(connection, path, clock)
 
     async def close(self) -> None:
@@ -108,18 +108,18 @@ class JobStore:
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         async with self._lock:
-            await self._db.execute("BEGIN IMMEDIATE")
+            await self._db.execute_fetchall("BEGIN IMMEDIATE")
             try:
                 yield self._db
             except BaseException:
-                await self._db.execute("ROLLBACK")
+                await self._db.execute_fetchall("ROLLBACK")
                 raise
-            await self._db.execute("COMMIT")
+            await self._db.execute_fetchall("COMMIT")
 
     async def _fetch_all(self, sql: str, parameters: Iterable[Any] = ()) -> list[sqlite3.Row]:
         async with self._lock:
-            cursor = await self._db.execute(sql, tuple(parameters))
-            return list(await cursor.fetchall())
+            rows = await self._db.execute_fetchall(sql, tuple(parameters))
+            return list(rows)
 
     async def _fetch_one(self, sql: str, parameters: Iterable[Any] = ()) -> sqlite3.Row | None:
         rows = await self._fetch_all(sql, parameters)
@@ -132,8 +132,8 @@ class JobStore:
     async def _change_job(self, sql: str, parameters: Iterable[Any]) -> Job | None:
         """Run one ``UPDATE/DELETE ... RETURNING *`` and return the changed job, if any."""
         async with self._transaction() as db:
-            cursor = await db.execute(sql, tuple(parameters))
-            row = await cursor.fetchone()
+            rows = await db.execute_fetchall(sql, tuple(parameters))
+            row = rows[0] if rows else None
         return None if row is None else _job_from_row(row)
 
     # -- queue -----------------------------------------------------------------------------
@@ -150,7 +150,7 @@ class JobStore:
         async with self._transaction() as db:
             await _check_limits(db, new.user_id, per_user_limit, queue_limit)
             job_round = await _round_for_user(db, new.user_id)
-            cursor = await db.execute(
+            rows = await db.execute_fetchall(
                 """
                 INSERT INTO jobs (guild_id, channel_id, user_id, prompt, request, round, created_at)
                 VALUES (?, ?, ?, ?, ?, ?, ?)
@@ -166,7 +166,7 @@ class JobStore:
                     self._clock(),
                 ),
             )
-            job = _job_from_row(await cursor.fetchone())
+            job = _job_from_row(rows[0])
             position = await _queued_position(db, job.id)
         log.info("Queued job %d for user %d at position %d", job.id, job.user_id, position)
         return job, position
@@ -174,7 +174,7 @@ class JobStore:
     async def next_job(self) -> Job | None:
         """Mark the first job in queue order as running and return it (None if none wait)."""
         async with self._transaction() as db:
-            cursor = await db.execute(
+            rows = await db.execute_fetchall(
                 """
                 UPDATE jobs SET state = 'running', started_at = ?
                 WHERE id = (
@@ -185,13 +185,13 @@ class JobStore:
                 """,
                 (self._clock(),),
             )
-            row = await cursor.fetchone()
+            row = rows[0] if rows else None
             if row is None:
                 return None
             job = _job_from_row(row)
 
             # A requeued job may carry an old round; the served round never goes back.
-            await db.execute(
+            await db.execute_fetchall(
                 """
                 INSERT INTO meta (key, value) VALUES ('current_round', ?)
                 ON CONFLICT (key) DO UPDATE
@@ -208,8 +208,8 @@ class JobStore:
     async def position(self, job_id: int) -> int | None:
         """Return the job's place in the queue: 1 runs next, 0 is running, None has ended."""
         async with self._lock:
-            cursor = await self._db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,))
-            row = await cursor.fetchone()
+            rows = await self._db.execute_fetchall("SELECT state FROM jobs WHERE id = ?", (job_id,))
+            row = rows[0] if rows else None
             if row is None or row["state"] in FINAL_STATES:
                 return None
             if row["state"] == "running":
@@ -259,7 +259,7 @@ class JobStore:
     async def set_message(self, job_id: int, channel_id: int, message_id: int) -> None:
         """Record the Discord message that shows the job."""
         async with self._transaction() as db:
-            await db.execute(
+            await db.execute_fetchall(
                 "UPDATE jobs SET channel_id = ?, message_id = ? WHERE id = ?",
                 (channel_id, message_id, job_id),
             )
@@ -339,7 +339,7 @@ class JobStore:
     async def mark_cancelled(self, job_id: int) -> Job | None:
         """Mark a running job cancelled; return it (also if it was already cancelled)."""
         async with self._transaction() as db:
-            cursor = await db.execute(
+            rows = await db.execute_fetchall(
                 """
                 UPDATE jobs SET state = 'cancelled', finished_at = COALESCE(finished_at, ?),
                                 state_path = NULL
@@ -348,13 +348,13 @@ class JobStore:
                 """,
                 (self._clock(), job_id),
             )
-            row = await cursor.fetchone()
+            row = rows[0] if rows else None
         return None if row is None else _job_from_row(row)
 
     async def save_progress(self, job_id: int, iteration: int, state_path: str) -> None:
         """Record that the running job's state at ``iteration`` is saved in ``state_path``."""
         async with self._transaction() as db:
-            await db.execute(
+            await db.execute_fetchall(
                 "UPDATE jobs SET saved_iteration = ?, state_path = ? WHERE id = ?",
                 (iteration, state_path, job_id),
             )
@@ -380,11 +380,11 @@ class JobStore:
         Returns the job in its new state (``queued`` or ``failed``), None if it was not running.
         """
         async with self._transaction() as db:
-            cursor = await db.execute(
+            rows = await db.execute_fetchall(
                 _INTERRUPT_SQL + " WHERE id = ? AND state = 'running' RETURNING *",
                 (*self._interrupt_parameters(), job_id),
             )
-            row = await cursor.fetchone()
+            row = rows[0] if rows else None
         return None if row is None else _job_from_row(row)
 
     async def recover(self) -> list[Job]:
@@ -394,11 +394,10 @@ class JobStore:
         their new state, so the Discord layer can post a notice in their channels.
         """
         async with self._transaction() as db:
-            cursor = await db.execute(
+            rows = await db.execute_fetchall(
                 _INTERRUPT_SQL + " WHERE state = 'running' RETURNING *",
                 self._interrupt_parameters(),
             )
-            rows = await cursor.fetchall()
         jobs = sorted((_job_from_row(row) for row in rows), key=lambda job: job.id)
         for job in jobs:
             log.warning("Job %d was running at the last shutdown: now %s", job.id, job.state)
@@ -432,7 +431,7 @@ class JobStore:
         """Store a JSON-serialisable ``value``; return the previous one (None if unset)."""
         async with self._transaction() as db:
             old = await _guild_value(db, guild_id, key)
-            await db.execute(
+            await db.execute_fetchall(
                 """
                 INSERT INTO guild_settings (guild_id, key, value) VALUES (?, ?, ?)
                 ON CONFLICT (guild_id, key) DO UPDATE SET value = excluded.value
@@ -445,7 +444,7 @@ class JobStore:
         """Remove a guild's value for ``key``; return the previous one (None if unset)."""
         async with self._transaction() as db:
             old = await _guild_value(db, guild_id, key)
-            await db.execute(
+            await db.execute_fetchall(
                 "DELETE FROM guild_settings WHERE guild_id = ? AND key = ?", (guild_id, key)
             )
         return old
@@ -458,7 +457,7 @@ class JobStore:
     async def set_meta(self, key: str, value: Any) -> None:
         """Store a JSON-serialisable value under ``key``."""
         async with self._transaction() as db:
-            await db.execute(
+            await db.execute_fetchall(
                 """
                 INSERT INTO meta (key, value) VALUES (?, ?)
                 ON CONFLICT (key) DO UPDATE SET value = excluded.value
@@ -506,8 +505,8 @@ def _migrate(path: Path, migrations_dir: Path) -> None:
 
 
 async def _scalar(db: aiosqlite.Connection, sql: str, parameters: tuple[Any, ...] = ()) -> Any:
-    cursor = await db.execute(sql, parameters)
-    row = await cursor.fetchone()
+    rows = await db.execute_fetchall(sql, parameters)
+    row = rows[0] if rows else None
     return None if row is None else row[0]
 
 

@@ -388,3 +388,32 @@ async def test_enqueue_survives_sigkill(tmp_path):
         assert (job.prompt, job.state) == ("kept", "queued")
     finally:
         await store.close()
+
+
+async def test_recovery_with_cursors_kept_alive(tmp_path, monkeypatch):
+    # Something that keeps cursors referenced (a debugger, a test harness) must not leave
+    # statements active, or COMMIT fails with "SQL statements in progress".
+    import aiosqlite
+
+    kept = []
+    execute = aiosqlite.Connection.execute
+
+    async def execute_and_keep(self, *args, **kwargs):
+        cursor = await execute(self, *args, **kwargs)
+        kept.append(cursor)
+        return cursor
+
+    monkeypatch.setattr(aiosqlite.Connection, "execute", execute_and_keep)
+    path = tmp_path / "imagine.sqlite3"
+    store = await JobStore.open(path)
+    job, _ = await store.enqueue(new_job(1), 5, 100)
+    await store.next_job()
+    await store.close()
+
+    store = await JobStore.open(path)
+    try:
+        recovered = await store.recover()
+    finally:
+        await store.close()
+
+    assert [j.id for j in recovered] == [job.id]
