@@ -6,8 +6,8 @@ the worker reports to ``JobEvents`` and the store. The worker is a ``spawn``ed c
 exception, an out-of-memory error or a SIGKILL there never takes the bot down: the job is
 failed or requeued, a new worker is started and the queue goes on.
 
-The worker's pipe is read by a thread that hands each message to the event loop, so the
-loop never blocks on it. This module does not import torch.
+A thread reads the worker's pipe and hands each message to the event loop, so the loop does
+not wait on pipe reads. This module does not import torch.
 """
 
 from __future__ import annotations

@@ -8,11 +8,12 @@ because NORMAL syncs the log to disk at checkpoints rather than at every commit.
 close that gap at the cost of one fsync per job event. We accept losing the last queued
 pictures after a power cut instead.
 
-Queue order is start-time fair queuing by user: every job gets a ``round``; a user's first
-waiting job gets the round now being served, their next one the round after their previous
-job, and so on. Jobs run in ``priority DESC, round, id`` order, so users take turns, each
-user's jobs run oldest first, and a job's place relative to the jobs already waiting never
-changes, although a newcomer's first job may be placed ahead of another user's later jobs.
+Queue order is start-time fair queuing by user. Every job gets a ``round``: a user's first
+waiting job gets the round now being served, and each further job of theirs the round after
+their previous one. Jobs run in ``priority DESC, round, id`` order, so users take turns, each
+user's jobs run oldest first, and the waiting jobs keep their order among themselves. A new
+job may still be placed ahead of some of them: a newcomer's first job joins the current round,
+and a job requeued after a crash or shutdown goes first.
 """
 
 from __future__ import annotations

@@ -27,8 +27,8 @@ from generator.testing import TinyModels, build_tiny_models
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 GUILD = 1
-# Tiny models run about 35 iterations/s at 32x32 on one thread, so a LONG job runs long
-# enough for a test to act on it; those tests cancel or kill it within about a second.
+# Tiny models run about 35 iterations/s at 32x32 on one thread (measured on a 2-core VM), so
+# a LONG job runs for over a minute. The tests that use it cancel or kill it within seconds.
 LONG = 3000
 
 
