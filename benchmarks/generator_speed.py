@@ -17,6 +17,11 @@ models and then measures:
 - peak resident memory of the child process, and on CUDA the peak memory
   allocated by torch.
 
+``--reference`` adds, for each setting, a step computed the way
+nerdyrodent/VQGAN-CLIP's ``generate.py`` computes it (taming's decoder, CLIP
+without our faster paths, one-hot quantisation, AdamW), so that the reference
+can be compared on the same machine without its code or weights.
+
 Run from the repository root::
 
     python benchmarks/generator_speed.py --iterations 3 --json speed.json
@@ -28,6 +33,8 @@ slow every stage down, so the load average is recorded with the results.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import itertools
 import json
 import os
@@ -37,10 +44,14 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -49,7 +60,12 @@ if str(ROOT) not in sys.path:
 from generator import GenerationRequest, Models, Progress, generate, parse_prompts  # noqa: E402
 from generator.clip import Clip, load_clip  # noqa: E402
 from generator.cutouts import MakeCutouts, normalize  # noqa: E402
-from generator.losses import PromptTarget, clamp_with_grad, quantize_latent  # noqa: E402
+from generator.losses import (  # noqa: E402
+    PromptTarget,
+    clamp_with_grad,
+    quantize_latent,
+    replace_grad,
+)
 from generator.models import resolve_device  # noqa: E402
 from generator.vqgan import VQGAN, VQGANConfig  # noqa: E402
 
@@ -141,30 +157,100 @@ def _targets(clip: Clip) -> list[PromptTarget]:
     return [PromptTarget(PROMPT, embedding, 1.0)]
 
 
-def time_split(models: Models, side: int, cutn: int, iterations: int) -> list[dict[str, float]]:
-    """Time the stages of the step ``generate`` takes; return one dict per timed iteration.
+@dataclass
+class StepRecipe:
+    """What one optimisation step is made of, so that two implementations can be timed alike.
 
-    The step is the loop's own sequence of public building blocks (see
-    ``generator.generate._Run._step``), with a synchronising timer between
-    stages. The first step is a warm-up and is not returned.
+    ``decode`` maps a quantised latent to an image in about [-1, 1], and
+    ``quantize(z, codebook)`` snaps z to the codebook with a straight-through gradient.
     """
-    vqgan, device = models.vqgan, models.device
-    codebook = vqgan.codebook.detach()
+
+    decode: Callable[[Tensor], Tensor]
+    quantize: Callable[[Tensor, Tensor], Tensor]
+    codebook: Tensor
+    factor: int
+    clips: list[Clip]
+    optimizer: type[torch.optim.Optimizer]
+
+
+def our_recipe(models: Models) -> StepRecipe:
+    """The step ``generate`` takes (see ``generator.generate._Run._step``)."""
+    return StepRecipe(
+        decode=models.vqgan.decode,
+        quantize=quantize_latent,
+        codebook=models.vqgan.codebook.detach(),
+        factor=models.vqgan.factor,
+        clips=models.clips,
+        optimizer=torch.optim.Adam,
+    )
+
+
+def _one_hot_quantize(z: Tensor, codebook: Tensor) -> Tensor:
+    """Nearest-code quantisation through a one-hot matrix product, the reference's way."""
+    x = z.movedim(1, -1)
+    distances = x.pow(2).sum(-1, keepdim=True) + codebook.pow(2).sum(1) - 2 * x @ codebook.T
+    one_hot = F.one_hot(distances.argmin(-1), codebook.shape[0]).to(x.dtype)
+    return replace_grad(one_hot @ codebook, x).movedim(-1, 1)
+
+
+def reference_recipe(device: torch.device) -> StepRecipe:
+    """A step computed as nerdyrodent/VQGAN-CLIP's generate.py computes it, random weights.
+
+    taming-transformers' own decoder modules, CLIP without our faster attention
+    and patch embedding, one-hot quantisation and AdamW. The cutouts and
+    losses are ours, which cost the same as the reference's.
+    """
+    try:
+        from taming.modules.diffusionmodules.model import Decoder
+    except ImportError as error:
+        raise SystemExit(
+            f"--reference needs taming-transformers' modules ({error}): run "
+            "'pip install --no-deps taming-transformers-rom1504==0.0.6 einops'."
+        ) from error
+
+    torch.manual_seed(0)
+    with contextlib.redirect_stdout(io.StringIO()):  # taming prints the layer shapes.
+        decoder = Decoder(**F16_16384_DDCONFIG)
+    post_quant_conv = nn.Conv2d(256, 256, 1)
+    for module in (decoder, post_quant_conv):
+        module.to(device).eval().requires_grad_(False)
+    codebook = torch.empty(16384, 256, device=device).uniform_(-1 / 16384, 1 / 16384)
+    clip = load_clip(CLIP_SPEC, device, sdpa_attention=False, matmul_patch_embedding=False)
+    return StepRecipe(
+        decode=lambda quantized: decoder(post_quant_conv(quantized)),
+        quantize=_one_hot_quantize,
+        codebook=codebook,
+        factor=16,
+        clips=[clip],
+        optimizer=torch.optim.AdamW,
+    )
+
+
+def time_split(
+    recipe: StepRecipe, device: torch.device, side: int, cutn: int, iterations: int
+) -> list[dict[str, float]]:
+    """Time the stages of one step; return one dict of seconds per timed iteration.
+
+    The step follows ``generate``'s sequence of public building blocks with a
+    synchronising timer between stages. The first step is a warm-up and is
+    not returned.
+    """
+    codebook = recipe.codebook
     z_min = codebook.min(dim=0).values.view(1, -1, 1, 1)
     z_max = codebook.max(dim=0).values.view(1, -1, 1, 1)
-    cells = side // vqgan.factor
+    cells = side // recipe.factor
     indices = torch.randint(codebook.shape[0], (cells * cells,)).to(device)
     z = codebook.index_select(0, indices).view(1, cells, cells, -1).permute(0, 3, 1, 2)
     z = z.contiguous().requires_grad_(True)
-    optimizer = torch.optim.Adam([z], lr=0.1)
-    guides = [(clip, MakeCutouts(clip.input_size, cutn), _targets(clip)) for clip in models.clips]
+    optimizer = recipe.optimizer([z], lr=0.1)
+    guides = [(clip, MakeCutouts(clip.input_size, cutn), _targets(clip)) for clip in recipe.clips]
 
     results = []
     for _ in range(iterations + 1):
         watch = _Stopwatch(device)
         watch.start()
         optimizer.zero_grad(set_to_none=True)
-        decoded = vqgan.decode(quantize_latent(z, codebook))
+        decoded = recipe.decode(recipe.quantize(z, codebook))
         image = clamp_with_grad(decoded.add(1).div(2), 0.0, 1.0)
         watch.lap("decode")
 
@@ -193,24 +279,34 @@ def peak_rss_bytes() -> int:
 
 
 def measure_setting(
-    device: torch.device, side: int, cutn: int, iterations: int, threads: int
+    device: torch.device, side: int, cutn: int, iterations: int, threads: int, reference: bool
 ) -> dict[str, Any]:
-    """Build the models and measure one setting in this process; return a JSON-safe dict."""
+    """Build the models and measure one setting in this process; return a JSON-safe dict.
+
+    With ``reference`` only the reference-equivalent step is timed, and its
+    total is the sum of its stages (it cannot run inside ``generate``).
+    """
     torch.set_num_threads(threads)
     started = time.perf_counter()
-    models = build_models(device)
+    models = None if reference else build_models(device)
+    recipe = reference_recipe(device) if models is None else our_recipe(models)
     build_s = time.perf_counter() - started
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     load_before = os.getloadavg()[0]
-    totals = time_generate(models, side, cutn, iterations, threads)
-    torch.set_num_threads(threads)
-    splits = time_split(models, side, cutn, iterations)
+    totals = None
+    if models is not None:
+        totals = time_generate(models, side, cutn, iterations, threads)
+        torch.set_num_threads(threads)
+    splits = time_split(recipe, device, side, cutn, iterations)
+    if totals is None:
+        totals = [sum(split.values()) for split in splits]
     load_after = os.getloadavg()[0]
 
     peak_cuda = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return {
+        "step": "reference" if reference else "imagine",
         "side": side,
         "cutn": cutn,
         "device": str(device),
@@ -218,6 +314,7 @@ def measure_setting(
         "iterations": iterations,
         "build_s": build_s,
         "total_s": statistics.median(totals),
+        "total_min_s": min(totals),
         "total_all_s": totals,
         "split_s": {stage: statistics.median(s[stage] for s in splits) for stage in STAGES},
         "split_sum_s": statistics.median(sum(s.values()) for s in splits),
@@ -262,7 +359,7 @@ def machine_info(threads: int, device: torch.device) -> dict[str, Any]:
     return info
 
 
-def run_child(args: argparse.Namespace, side: int, cutn: int) -> dict[str, Any]:
+def run_child(args: argparse.Namespace, side: int, cutn: int, reference: bool) -> dict[str, Any]:
     """Measure one setting in a fresh process, so that its peak memory is its own."""
     command = [
         sys.executable,
@@ -272,6 +369,8 @@ def run_child(args: argparse.Namespace, side: int, cutn: int) -> dict[str, Any]:
         "--threads", str(args.threads),
         "--child", f"{side}:{cutn}",
     ]
+    if reference:
+        command.append("--reference")
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         sys.stderr.write(done.stderr)
@@ -282,9 +381,9 @@ def run_child(args: argparse.Namespace, side: int, cutn: int) -> dict[str, Any]:
 def markdown_table(results: list[dict[str, Any]]) -> str:
     """Format results as a markdown table (seconds per iteration, GiB)."""
     lines = [
-        "| output, cutouts | s/iteration | decode | cutouts | CLIP fwd | backward | optimiser "
-        "| peak RSS | peak CUDA | load |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| step | output, cutouts | s/iteration (best) | decode | cutouts | CLIP fwd | backward "
+        "| optimiser | peak RSS | peak CUDA | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         split = r["split_s"]
@@ -292,7 +391,8 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
         load = "–".join(f"{value:.1f}" for value in r["load_average"])
         rss = r["peak_rss_bytes"] / 2**30
         lines.append(
-            f"| {r['side']}², {r['cutn']} | {r['total_s']:.2f} | {split['decode']:.2f} "
+            f"| {r['step']} | {r['side']}², {r['cutn']} | {r['total_s']:.2f} "
+            f"({r['total_min_s']:.2f}) | {split['decode']:.2f} "
             f"| {split['cutouts']:.2f} | {split['clip_forward']:.2f} | {split['backward']:.2f} "
             f"| {split['optimiser']:.3f} | {rss:.2f} GiB | {cuda} | {load} |"
         )
@@ -314,6 +414,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=parse_settings(DEFAULT_SETTINGS),
         help=f"SIDE:CUTN pairs, comma-separated (default {DEFAULT_SETTINGS})",
     )
+    parser.add_argument(
+        "--reference",
+        action="store_true",
+        help="also time a reference-equivalent step (needs taming-transformers-rom1504)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.add_argument("--child", type=parse_settings, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -334,13 +439,19 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     if args.child:
         (side, cutn), = args.child
-        print(json.dumps(measure_setting(device, side, cutn, args.iterations, args.threads)))
+        result = measure_setting(
+            device, side, cutn, args.iterations, args.threads, args.reference
+        )
+        print(json.dumps(result))
         return 0
 
     results = []
+    steps = [False, True] if args.reference else [False]
     for side, cutn in args.sizes:
-        print(f"Measuring {side}x{side} with {cutn} cutouts on {device}...", file=sys.stderr)
-        results.append(run_child(args, side, cutn))
+        for reference in steps:
+            name = "reference-equivalent step" if reference else "generate()"
+            print(f"Measuring {name} at {side}x{side}, {cutn} cutouts, {device}", file=sys.stderr)
+            results.append(run_child(args, side, cutn, reference))
     info = machine_info(args.threads, device)
     print(f"{info['cpu']}, {info['cores']} cores, torch {info['torch']}, {args.threads} threads")
     print(markdown_table(results))
