@@ -43,8 +43,8 @@ FrameT = TypeVar("FrameT")
 
 # Discord's upload limit in direct messages and in guilds without boosts.
 DM_FILESIZE_LIMIT = 10 * 1024 * 1024
-# Discord allows about 5 message edits per 5 s in one channel; one edit per 2 s per message
-# keeps several running jobs in one channel under that.
+# Discord allows about 5 message edits per 5 s in one channel. One edit per 2 s per message
+# keeps two running jobs in one channel under that, and the channel throttle covers more.
 MESSAGE_EDIT_INTERVAL = 2.0
 CHANNEL_EDITS = 5
 CHANNEL_EDIT_PERIOD = 5.0
@@ -53,14 +53,14 @@ DEFAULT_RETRY_AFTER = 5.0
 MAX_RATE_LIMIT_RETRIES = 5
 # How long a finished job waits for its last progress edit in flight, in seconds.
 EDIT_FINISH_TIMEOUT = 10.0
-# Attempts at posting a finished picture when Discord answers with a server error.
+# Attempts at posting a finished picture when Discord returns a server error.
 FINAL_POST_ATTEMPTS = 4
 FINAL_POST_BACKOFF = 2.0
 PROMPT_DISPLAY_LIMIT = 300
 
 UNKNOWN_MESSAGE = 10008
 MISSING_PERMISSIONS = 50013
-# What the bot needs in a channel to show a job there.
+# Permissions the bot needs in a channel to show a job there.
 REQUIRED_PERMISSIONS = ("view_channel", "send_messages", "attach_files", "embed_links")
 
 
@@ -530,7 +530,7 @@ class Presenter:
         """Update the messages of jobs that were running when the bot stopped unexpectedly."""
         for job in jobs:
             if job.id in self.iterations_done:
-                continue  # already running again, and its message says so
+                continue  # already running again, and its message shows that
             if job.state == "queued":
                 status = "interrupted by a restart, back at the front of the queue"
                 await self.show_job(job, status)

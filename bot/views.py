@@ -1,9 +1,9 @@
 """Buttons under job messages that keep working after the bot restarts.
 
 Every button is a :class:`JobButton`, a ``discord.ui.DynamicItem`` whose ``custom_id``
-(``imagine:<action>:<job id>``) carries everything its callback needs, so no view has to
-be restored from memory: the bot registers the class once in ``setup_hook`` and Discord's
-clicks on messages of any age find it.
+(``imagine:<action>:<job id>``) carries everything its callback needs. No view has to be
+restored from memory. The bot registers the class once in ``setup_hook``, and clicks on
+messages of any age reach it.
 """
 
 from __future__ import annotations

@@ -260,7 +260,7 @@ async def test_imagine_end_to_end(world):
     assert metadata["size"] == "32x32"
     assert metadata["iterations"] == "6"
 
-    # Channel messages ping the requester and nobody else.
+    # Channel messages ping the requester and no one else.
     posts = [
         request.json
         for request in world.env.http_requests
@@ -529,6 +529,19 @@ async def test_attachment_checks(world):
         assert saved.size == (40, 40)
 
 
+async def test_missing_permission_named(world):
+    channel = world.guild.create_text_channel(
+        "no-files", overwrites={world.bot.user: discord.PermissionOverwrite(attach_files=False)}
+    )
+
+    result = await world.alice.slash(channel, "imagine", prompt="a cat")
+
+    assert result.ephemeral
+    assert "I need the Attach Files permission(s) here" in result.response.content
+    assert channel.history() == []
+    assert await world.bot.store.queue() == []
+
+
 # -- configuration -----------------------------------------------------------------------------
 
 
@@ -582,6 +595,9 @@ async def test_config_refused_for_member(world):
 
 
 async def test_info_reports_cpu(world):
+    job_id = await imagine(world, world.alice, "a measured speed")
+    await final_message(world, world.channel, job_id)
+
     result = await world.alice.slash(world.channel, "info")
 
     assert result.ephemeral

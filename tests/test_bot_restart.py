@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import sqlite3
 import time
 
 import discord
@@ -62,15 +61,6 @@ def edits_of(env: simcord.Env, message_id: int) -> list[str]:
     ]
 
 
-# NOTE: JobStore.open leaves the cursor of "PRAGMA journal_mode = WAL" unread. While simcord
-# keeps that cursor alive, its statement stays active and the COMMIT in JobStore.recover()
-# fails when a job was left running. Closing the PRAGMA cursors in bot/store.py fixes it;
-# this strict xfail turns into a failure then, as a reminder to remove it.
-@pytest.mark.xfail(
-    raises=sqlite3.OperationalError,
-    strict=True,
-    reason="JobStore.open leaves a PRAGMA statement active, so recover() cannot commit",
-)
 async def test_restart_resumes_jobs_and_keeps_buttons(tiny_models, tmp_path):
     settings = Settings(
         data_dir=tmp_path,
@@ -120,7 +110,7 @@ async def test_restart_resumes_jobs_and_keeps_buttons(tiny_models, tmp_path):
         await env.restart_bot(second_bot)
         store = second_bot.store
 
-        # The requeued job's message says so, then it resumes from its saved state.
+        # The requeued job's message shows the interruption, then the job resumes from its state.
         assert any("interrupted by a restart" in text for text in edits_of(env, running_message))
         await wait_for(
             lambda: any("resumed at iteration" in text for text in edits_of(env, running_message)),

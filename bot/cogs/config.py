@@ -29,8 +29,10 @@ class ConfigCog(
     group_name="config",
     group_description="Show or change imagine's settings for this server",
 ):
-    """Per-guild settings. Hidden from members without Manage Server, and checked again here,
-    because a server can override who sees a command."""
+    """Per-guild settings, hidden from members without Manage Server.
+
+    The permission is checked again here, because a server can override who may use a command.
+    """
 
     def __init__(self, bot: ImagineBot) -> None:
         self.bot: ImagineBot = bot
@@ -40,7 +42,9 @@ class ConfigCog(
         if interaction.guild_id is not None and self.bot.is_admin(interaction):
             return True
         log.info(
-            "User %d was refused /config in guild %s", interaction.user.id, interaction.guild_id
+            "Rejected /config from user %d in guild %s: missing Manage Server",
+            interaction.user.id,
+            interaction.guild_id,
         )
         await interaction.response.send_message(NOT_ALLOWED, ephemeral=True)
         return False

@@ -170,10 +170,10 @@ async def queue_request(
     prompt: str,
     config: dict[str, Any],
 ) -> Job | None:
-    """Store the job, answer "Queued as #id" and post the job's channel message.
+    """Store the job, reply "Queued as #id" and post the job's channel message.
 
-    The interaction must already be deferred. Returns the job, or None when it was rejected
-    (the user has been told why).
+    The interaction must already be deferred. Returns the job, or None when it was rejected,
+    after an ephemeral message that gives the reason.
     """
     bot = interaction.client
     missing = missing_channel_permissions(interaction)
@@ -266,6 +266,7 @@ async def save_init_image(bot: ImagineBot, attachment: discord.Attachment) -> st
             f"I could not download {attachment.filename!r}. Upload it again."
         ) from None
 
+    # NOTE: nothing deletes these files yet, not even when their job is deleted.
     directory = bot.settings.data_dir / "inputs"
     path = directory / f"{uuid.uuid4().hex}.png"
     await asyncio.to_thread(_convert_to_png, data, attachment.filename, path)

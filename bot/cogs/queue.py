@@ -76,7 +76,7 @@ class QueueCog(commands.Cog):
 
 
 async def cancel_job(interaction: discord.Interaction[ImagineBot], job_id: int) -> None:
-    """Cancel a queued or running job for its owner or an admin, answering ephemerally."""
+    """Cancel a queued or running job for its owner or an admin, and reply ephemerally."""
     bot = interaction.client
     admin = bot.is_admin(interaction)
     job = await bot.store.cancel(
