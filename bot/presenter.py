@@ -22,7 +22,7 @@ from asyncio_throttle import Throttler
 from PIL import Image
 
 from bot import views
-from bot.jobs import Job
+from bot.jobs import FINAL_STATES, Job
 from generator.prompts import format_prompts
 from generator.request import GenerationRequest
 
@@ -267,17 +267,25 @@ class Presenter:
 
     # -- the job's message ---------------------------------------------------------------
 
-    async def show_job(self, job: Job, status: str) -> int | None:
+    async def show_job(self, job: Job, status: str, *, replace: bool = True) -> int | None:
         """Post the job's message if it has none yet, else edit it to show ``status``.
 
-        Returns the message id, or None when Discord rejected the post (logged).
+        With ``replace=False`` an existing message is left as it is: the executor may have
+        started the job and shown a newer state. Returns the message id, or None when
+        Discord rejected the post (logged).
         """
         async with self._lock(job.id):
+            if not replace:
+                # A tiny job can end before its requester's message is posted.
+                stored = await self._bot.store.get(job.id)
+                if stored is None or stored.state in FINAL_STATES:
+                    return stored.message_id if stored else None
             message_id = self._message_id(job)
-            if message_id is not None:
+            if message_id is None:
+                return await self._post(job, status)
+            if replace:
                 await self._edit_now(job, message_id, status)
-                return self._message_id(job)
-            return await self._post(job, status)
+            return self._message_id(job)
 
     def _lock(self, job_id: int) -> asyncio.Lock:
         return self._locks.setdefault(job_id, asyncio.Lock())

@@ -214,7 +214,9 @@ async def queue_request(
         f"Queued as #{job.id}, position {position}, about {max(minutes, 1)} min.",
         ephemeral=True,
     )
-    message_id = await bot.presenter.show_job(job, f"queued, position {position}")
+    message_id = await bot.presenter.show_job(
+        job, f"queued, position {position}", replace=False
+    )
     if message_id is None:
         await interaction.followup.send(
             f"Job #{job.id} is queued, but I could not post its progress message here; "
