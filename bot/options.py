@@ -8,19 +8,32 @@ The prompt accepts Midjourney-style flags that the bot handles itself::
 weights, ``|`` parts and ``--no``, goes to :func:`generator.parse_prompts`, which rejects any
 other ``--flag``. Every mistake raises :class:`OptionsError` with one sentence saying what was
 wrong and an example that works.
+
+Text is cleaned before anything reads it (:func:`clean_text`): invisible formatting characters
+go, so a zero-width space cannot hide a banned word, and control characters are refused.
 """
 
 from __future__ import annotations
 
+import html
 import re
-from collections.abc import Callable
+import unicodedata
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
 # The submodule, not the package: the bot process never imports torch.
-from generator.prompts import Prompt, PromptError, parse_prompts
+from generator.prompts import CLIP_CONTEXT_LENGTH, Prompt, PromptError, parse_prompts
 
-__all__ = ["MAX_SEED", "ImagineOptions", "Limits", "OptionsError", "parse_imagine"]
+__all__ = [
+    "MAX_SEED",
+    "ImagineOptions",
+    "Limits",
+    "OptionsError",
+    "clean_text",
+    "estimate_min_tokens",
+    "parse_imagine",
+]
 
 # Midjourney's seed range, so seeds copied from Midjourney prompts work. The generator
 # accepts larger seeds too.
@@ -38,6 +51,13 @@ _FLAG_RE = re.compile(
 )
 _FLAG_ALIASES = {"seed": "seed", "ar": "ar", "aspect": "ar", "iter": "iter", "iterations": "iter"}
 _RATIO_RE = re.compile(r"\s*(\d+)\s*[:x]\s*(\d+)\s*")
+# CLIP's word splitting (open_clip's SimpleTokenizer) written with the standard library's re:
+# contractions, letter runs, single digits, runs of other symbols. Its runs of letters also take
+# in non-decimal numerals that CLIP counts apart, so it never finds more pieces than CLIP does.
+_CLIP_PIECE_RE = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+")
+ZERO_WIDTH_JOINER = "\u200d"
+# Maximum length of a user value quoted back in an error message, in characters.
+ECHO_LIMIT = 40
 T = TypeVar("T")
 
 
@@ -97,19 +117,74 @@ def parse_imagine(
 
     Raises:
         OptionsError: a value is given twice, out of range or malformed, a flag is unknown,
-            or the prompt is empty.
+            the prompt is empty or longer than CLIP reads, or the text has control characters.
     """
-    text, flags = _extract_flags(prompt or "")
+    prompt = clean_text(prompt or "", "prompt")
+    negative = clean_text(negative, "negative") if negative is not None else None
+    text, flags = _extract_flags(prompt)
     seed = _merge("seed", seed, flags.get("seed"), _parse_seed_flag, "--seed 42")
     aspect = _merge("aspect", aspect, flags.get("ar"), str, "--ar 16:9")
     iterations = _merge("iterations", iterations, flags.get("iter"), _parse_iter_flag, "--iter 200")
 
     prompts = _parse_text(text)
     prompts += _parse_negative_option(negative)
+    _check_token_counts(prompts)
     _check_seed(seed)
     width, height = _image_size(aspect, size, limits)
     iterations = _check_iterations(iterations, limits)
     return ImagineOptions(tuple(prompts), seed, width, height, iterations)
+
+
+def clean_text(text: str, name: str) -> str:
+    """Return ``text`` without invisible formatting characters and with plain spaces.
+
+    Zero-width spaces, bidirectional controls, soft hyphens and other format characters
+    (Unicode category Cf) are removed; the zero-width joiner stays, as emoji sequences need
+    it. Every run of whitespace becomes one space. ``name`` is the option named in errors.
+
+    Raises:
+        OptionsError: the text contains a control character or a lone surrogate, which no
+            picture can show and the database cannot store.
+    """
+    for character in text:
+        if unicodedata.category(character) in ("Cc", "Cs") and not character.isspace():
+            raise OptionsError(
+                f"The {name} contains the control character U+{ord(character):04X}, which "
+                f"cannot be drawn: retype it without that character, for example `{EXAMPLE}`."
+            )
+    visible = "".join(
+        character
+        for character in text
+        if unicodedata.category(character) != "Cf" or character == ZERO_WIDTH_JOINER
+    )
+    return " ".join(visible.split())
+
+
+def estimate_min_tokens(text: str) -> int:
+    """Return a lower bound of the CLIP tokens ``text`` takes, start and end tokens included.
+
+    Counts the pieces CLIP's tokenizer splits text into before byte-pair encoding; every
+    piece is at least one token. Needs no torch, so the bot can refuse long prompts before
+    queueing them. The generator counts exactly when the job starts.
+    """
+    plain = html.unescape(html.unescape(text)).lower()
+    return len(_CLIP_PIECE_RE.findall(plain)) + 2
+
+
+def _is_blank(text: str) -> bool:
+    """Return whether ``text`` shows nothing: only spaces, joiners and combining marks."""
+    return all(
+        character.isspace() or unicodedata.category(character) in ("Cf", "Mn", "Me")
+        for character in text
+    )
+
+
+def _quote(value: object) -> str:
+    """Return a user's value as inline code, shortened and without backticks that break it."""
+    text = str(value).replace("`", "'")
+    if len(text) > ECHO_LIMIT:
+        text = text[: ECHO_LIMIT - 1] + "…"
+    return f"`{text}`"
 
 
 def _extract_flags(prompt: str) -> tuple[str, dict[str, list[str]]]:
@@ -138,8 +213,8 @@ def _merge(
     example: str,
 ) -> T | None:
     """Return the one value given for ``name``, from its option or its inline flag."""
-    sources = [] if option is None else [f"`{name}:{option}`"]
-    sources += [f"`{example.split()[0]} {value}`" for value in flag_values or []]
+    sources = [] if option is None else [_quote(f"{name}:{option}")]
+    sources += [_quote(f"{example.split()[0]} {value}") for value in flag_values or []]
     if len(sources) > 1:
         raise OptionsError(
             f"The {name} is given {len(sources)} times ({', '.join(sources)}): give it once, "
@@ -157,7 +232,7 @@ def _parse_seed_flag(value: str) -> int:
         return int(value)
     except ValueError:
         raise OptionsError(
-            f"The seed `{value}` is not a whole number: use one from 0 to {MAX_SEED}, "
+            f"The seed {_quote(value)} is not a whole number: use one from 0 to {MAX_SEED}, "
             f"for example `{EXAMPLE} --seed 42`."
         ) from None
 
@@ -167,13 +242,13 @@ def _parse_iter_flag(value: str) -> int:
         return int(value)
     except ValueError:
         raise OptionsError(
-            f"The iteration count `{value}` is not a whole number: "
+            f"The iteration count {_quote(value)} is not a whole number: "
             f"write for example `{EXAMPLE} --iter 200`."
         ) from None
 
 
 def _parse_text(text: str) -> list[Prompt]:
-    if not text.strip():
+    if _is_blank(text):
         raise OptionsError(f"The prompt is empty: describe the picture, for example `{EXAMPLE}`.")
     try:
         return parse_prompts(text)
@@ -186,12 +261,23 @@ def _parse_negative_option(negative: str | None) -> list[Prompt]:
     if negative is None:
         return []
     items = [" ".join(item.split()) for item in negative.split(",")]
-    if not any(items) or not all(items):
+    if not all(items) or any(_is_blank(item) for item in items):
         raise OptionsError(
-            f"The negative `{negative}` has an empty item: list the things to avoid separated "
-            f"by single commas, for example `{EXAMPLE} negative: fog, people`."
+            f"The negative {_quote(negative)} has an empty item: list the things to avoid "
+            f"separated by single commas, for example `{EXAMPLE} negative: fog, people`."
         )
     return [Prompt(item, -1.0) for item in items]
+
+
+def _check_token_counts(prompts: Iterable[Prompt]) -> None:
+    for prompt in prompts:
+        count = estimate_min_tokens(prompt.text)
+        if count > CLIP_CONTEXT_LENGTH:
+            raise OptionsError(
+                f"The prompt {_quote(prompt.text)} is at least {count} tokens long, but CLIP "
+                f"reads at most {CLIP_CONTEXT_LENGTH}: shorten it by about "
+                f"{count - CLIP_CONTEXT_LENGTH} words, for example `{EXAMPLE}`."
+            )
 
 
 def _check_seed(seed: int | None) -> None:
@@ -237,12 +323,15 @@ def _parse_ratio(aspect: str) -> tuple[int, int]:
     match = _RATIO_RE.fullmatch(aspect)
     example = f"for example `{EXAMPLE} --ar 16:9`"
     if match is None:
-        raise OptionsError(f"The aspect ratio `{aspect}` is invalid: write it as `W:H`, {example}.")
+        raise OptionsError(
+            f"The aspect ratio {_quote(aspect)} is invalid: write it as `W:H`, {example}."
+        )
     ratio_w, ratio_h = int(match.group(1)), int(match.group(2))
     if ratio_w == 0 or ratio_h == 0:
-        raise OptionsError(f"The aspect ratio `{aspect}` has a zero side: {example}.")
+        raise OptionsError(f"The aspect ratio {_quote(aspect)} has a zero side: {example}.")
     if max(ratio_w, ratio_h) / min(ratio_w, ratio_h) > MAX_ASPECT:
         raise OptionsError(
-            f"The aspect ratio `{aspect}` is too narrow: use one between 1:4 and 4:1, {example}."
+            f"The aspect ratio {_quote(aspect)} is too narrow: use one between 1:4 and 4:1, "
+            f"{example}."
         )
     return ratio_w, ratio_h

@@ -5,6 +5,11 @@ interaction response, whose token expires after 15 minutes). Progress edits of t
 go through :class:`ProgressEditor`, which keeps Discord's edit rate limits and drops stale
 frames. When the picture is done, a new message with the image, an embed and buttons
 replaces the progress message, and mentions the requester.
+
+When Discord keeps refusing the channel post (server errors, missing permissions), the picture
+goes to the requester instead: as an ephemeral followup of their /imagine while its token is
+valid, else as a direct message, each with the reason. Every message allows a ping of the
+requester and no one else.
 """
 
 from __future__ import annotations
@@ -12,10 +17,11 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import PurePath
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import discord
 from asyncio_throttle import Throttler
@@ -53,9 +59,15 @@ DEFAULT_RETRY_AFTER = 5.0
 MAX_RATE_LIMIT_RETRIES = 5
 # How long a finished job waits for its last progress edit in flight, in seconds.
 EDIT_FINISH_TIMEOUT = 10.0
-# Attempts at posting a finished picture when Discord returns a server error.
+# Attempts at posting a finished picture when Discord returns a server error, and the pause
+# before attempt n + 1 (n times the backoff), in seconds.
 FINAL_POST_ATTEMPTS = 4
 FINAL_POST_BACKOFF = 2.0
+# The maximum rate limit, in seconds, that a finished picture waits out before it goes to
+# its requester instead.
+MAX_FINAL_RETRY_AFTER = 60.0
+# Interaction tokens live 15 minutes; a followup is tried only within this many seconds.
+FOLLOWUP_WINDOW = 14 * 60.0
 PROMPT_DISPLAY_LIMIT = 300
 
 UNKNOWN_MESSAGE = 10008
@@ -264,6 +276,32 @@ class Presenter:
         self._channel_throttlers: dict[int, Throttler] = {}
         # Job id -> last iteration reported, for estimates of the time left.
         self.iterations_done: dict[int, int] = {}
+        # Job id -> (the /imagine followup webhook, monotonic time it stops being tried).
+        self._followups: dict[int, tuple[discord.Webhook, float]] = {}
+        self.final_post_backoff: float = FINAL_POST_BACKOFF
+
+    def remember_interaction(self, job_id: int, interaction: discord.Interaction[Any]) -> None:
+        """Keep the followup of the interaction that queued ``job_id``, to reach its requester.
+
+        Used only when the channel rejects the job's messages. It is kept in memory only, so
+        after a restart the requester is reached by direct message.
+        """
+        self._followups[job_id] = (interaction.followup, time.monotonic() + FOLLOWUP_WINDOW)
+
+    def cannot_post_text(self, job: Job) -> str:
+        """Tell the requester that the job's channel message could not be posted, and why."""
+        return (
+            f"Job #{job.id} is queued, but I could not post its message in this channel"
+            f"{self._permission_hint(job)}. I will still try to post the picture when it is "
+            "done, and send it to you if I cannot."
+        )
+
+    def _permission_hint(self, job: Job) -> str:
+        missing = self.missing_permissions(job.channel_id)
+        if not missing:
+            return ""
+        names = ", ".join(name.replace("_", " ").title() for name in missing)
+        return f": I need the {names} permission(s) there, which a server admin can grant"
 
     # -- the job's message ---------------------------------------------------------------
 
@@ -306,7 +344,7 @@ class Presenter:
                 view=views.running_view(job.id) if active else discord.utils.MISSING,
                 allowed_mentions=mention_only(job.user_id),
             )
-        except discord.HTTPException as error:
+        except (discord.HTTPException, discord.RateLimited) as error:
             self._log_http_error(job, "post the job message", error)
             return None
         await self._remember(job, message.id)
@@ -318,10 +356,11 @@ class Presenter:
 
     async def _edit_now(
         self, job: Job, message_id: int, status: str, *, active: bool = True
-    ) -> None:
+    ) -> bool:
         """Edit the job's message to show ``status`` at once; a deleted message is posted again.
 
-        An inactive job (ended) loses its progress picture and its Cancel button.
+        An inactive job (ended) loses its progress picture and its Cancel button. Returns
+        whether a message in the channel shows ``status`` now.
         """
         message = self._bot.get_partial_messageable(
             job.channel_id, guild_id=job.guild_id
@@ -334,12 +373,20 @@ class Presenter:
         except discord.NotFound:
             log.info("Message of job %d was deleted; posting a new one", job.id)
             self._messages.pop(job.id, None)
-            await self._post(job, status, active=active)
-        except discord.HTTPException as error:
+            return await self._post(job, status, active=active) is not None
+        except (discord.HTTPException, discord.RateLimited) as error:
             self._log_http_error(job, "edit the job message", error)
+            return False
+        return True
 
-    def _log_http_error(self, job: Job, action: str, error: discord.HTTPException) -> None:
-        if error.code == MISSING_PERMISSIONS:
+    def _log_http_error(
+        self, job: Job, action: str, error: discord.HTTPException | discord.RateLimited
+    ) -> None:
+        if isinstance(error, discord.RateLimited):
+            log.error(
+                "Job %d: cannot %s: rate limited for %.1f s", job.id, action, error.retry_after
+            )
+        elif error.code == MISSING_PERMISSIONS:
             missing = self.missing_permissions(job.channel_id)
             log.error(
                 "Job %d: cannot %s in channel %d, missing permission(s): %s",
@@ -445,14 +492,22 @@ class Presenter:
         self._editor(job).submit(Frame(status, png))
 
     async def job_finished(self, job: Job, png: bytes, duration_s: float) -> None:
-        """Post the picture with its embed and buttons, then remove the progress message."""
+        """Post the picture with its embed and buttons, then remove the progress message.
+
+        A picture the channel refuses goes to the requester, and the progress message
+        then states where it went.
+        """
         await self._stop_editor(job.id)
         self.iterations_done.pop(job.id, None)
         async with self._lock(job.id):
             old_message_id = self._message_id(job)
             posted = await self._post_final(job, png, duration_s)
-            if posted and old_message_id is not None:
+            if posted == "channel" and old_message_id is not None:
                 await self._delete_message(job, old_message_id)
+            elif old_message_id is not None:
+                where = "I sent it to the requester" if posted else "the bot owner has it"
+                status = f"done, but Discord refused the picture here; {where}"
+                await self._edit_now(job, old_message_id, status, active=False)
         self._forget(job.id)
 
     async def job_failed(self, job: Job, message: str) -> None:
@@ -468,64 +523,152 @@ class Presenter:
         await self._show_final_state(job, "cancelled")
 
     async def _show_final_state(self, job: Job, status: str) -> None:
+        """Show how the job ended in its message, a new message, or else to its requester."""
         async with self._lock(job.id):
             message_id = self._message_id(job)
-            if message_id is None:
-                await self._post(job, status, active=False)
-            else:
-                await self._edit_now(job, message_id, status, active=False)
+            shown = message_id is not None and await self._edit_now(
+                job, message_id, status, active=False
+            )
+            if not shown:
+                shown = await self._post(job, status, active=False) is not None
+            if not shown:
+                await self._send_to_requester(job, f"Your picture #{job.id} is {status}.")
         self._forget(job.id)
 
     def _forget(self, job_id: int) -> None:
         self._messages.pop(job_id, None)
         self._locks.pop(job_id, None)
+        self._followups.pop(job_id, None)
 
     # -- the finished picture ---------------------------------------------------------------
 
-    async def _post_final(self, job: Job, png: bytes, duration_s: float) -> bool:
-        """Post the finished picture, retrying server errors. Returns whether it was posted."""
+    async def _post_final(self, job: Job, png: bytes, duration_s: float) -> str | None:
+        """Post the finished picture in the channel, retrying server errors and rate limits.
+
+        When the channel keeps refusing it, the picture goes to the requester with the
+        reason. Returns where it went, ``"channel"`` or ``"requester"``, or None.
+        """
         data, extension = encode_for_upload(png, self.upload_limit(job))
-        embed = finished_embed(job, duration_s, f"imagine-{job.id}.{extension}")
+        filename = f"imagine-{job.id}.{extension}"
+        embed = finished_embed(job, duration_s, filename)
         content = f"<@{job.user_id}> · #{job.id} · done in {format_duration(duration_s)}"
         if extension != "png":
             content += " (sent as JPEG because the PNG is over this channel's upload limit)"
         channel = self._bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
 
+        error: discord.HTTPException | discord.RateLimited | None = None
         for attempt in range(1, FINAL_POST_ATTEMPTS + 1):
             try:
                 message = await channel.send(
                     content,
                     embed=embed,
-                    file=discord.File(io.BytesIO(data), f"imagine-{job.id}.{extension}"),
+                    file=discord.File(io.BytesIO(data), filename),
                     view=views.finished_view(job.id),
                     allowed_mentions=mention_only(job.user_id),
                 )
-            except discord.DiscordServerError as error:
+            except (discord.HTTPException, discord.RateLimited) as caught:
+                error = caught
                 self._log_http_error(job, f"post the picture (attempt {attempt})", error)
-                await asyncio.sleep(FINAL_POST_BACKOFF * attempt)
-            except discord.HTTPException as error:
-                if error.status >= 500:
-                    self._log_http_error(job, f"post the picture (attempt {attempt})", error)
-                    await asyncio.sleep(FINAL_POST_BACKOFF * attempt)
-                    continue
-                self._log_http_error(job, "post the picture", error)
-                return False
+                delay = self._final_retry_delay(error, attempt)
+                if delay is None or attempt == FINAL_POST_ATTEMPTS:
+                    break
+                await asyncio.sleep(delay)
             else:
                 await self._remember(job, message.id)
-                return True
+                return "channel"
+
+        reason = self._failure_reason(job, error)
+        delivered = await self._send_to_requester(
+            job,
+            f"I could not post your picture #{job.id} in <#{job.channel_id}>: {reason}. "
+            "Here it is.",
+            (data, filename),
+        )
+        if delivered:
+            return "requester"
         log.error("Job %d: gave up posting the picture; it stays in %s", job.id, job.result_path)
-        return False
+        return None
+
+    def _final_retry_delay(
+        self, error: discord.HTTPException | discord.RateLimited, attempt: int
+    ) -> float | None:
+        """Return the seconds to wait before posting a picture again, or None to give up."""
+        retry_after = retry_after_seconds(error)
+        if retry_after is not None:
+            return retry_after if retry_after <= MAX_FINAL_RETRY_AFTER else None
+        if isinstance(error, discord.HTTPException) and error.status >= 500:
+            return self.final_post_backoff * attempt
+        return None
+
+    def _failure_reason(
+        self, job: Job, error: discord.HTTPException | discord.RateLimited | None
+    ) -> str:
+        """Say in words why Discord refused a post in the job's channel."""
+        if isinstance(error, discord.HTTPException) and error.code == MISSING_PERMISSIONS:
+            missing = self.missing_permissions(job.channel_id) or list(REQUIRED_PERMISSIONS)
+            names = ", ".join(name.replace("_", " ").title() for name in missing)
+            return f"I need the {names} permission(s) there; a server admin can grant them"
+        if isinstance(error, discord.RateLimited):
+            return f"Discord asked me to wait {error.retry_after:.0f} s before posting there"
+        if isinstance(error, discord.HTTPException):
+            return f"Discord answered with an error (HTTP {error.status}), so try again later"
+        return "Discord did not take it"
+
+    async def _send_to_requester(
+        self, job: Job, text: str, attachment: tuple[bytes, str] | None = None
+    ) -> bool:
+        """Reach the requester privately: their /imagine followup if still valid, else a DM.
+
+        ``attachment`` is ``(data, filename)``. Returns whether either was delivered; each
+        failure is logged.
+        """
+
+        def file() -> discord.File:
+            if attachment is None:
+                return discord.utils.MISSING
+            return discord.File(io.BytesIO(attachment[0]), attachment[1])
+
+        followup, until = self._followups.get(job.id, (None, 0.0))
+        if followup is not None and time.monotonic() < until:
+            try:
+                await followup.send(
+                    text,
+                    file=file(),
+                    ephemeral=True,
+                    allowed_mentions=discord.AllowedMentions.none(),
+                )
+                return True
+            except (discord.HTTPException, discord.RateLimited) as error:
+                self._log_http_error(job, "send the followup to the requester", error)
+        try:
+            user = self._bot.get_user(job.user_id) or await self._bot.fetch_user(job.user_id)
+            await user.send(text, file=file(), allowed_mentions=discord.AllowedMentions.none())
+        except (discord.HTTPException, discord.RateLimited) as error:
+            self._log_http_error(job, "send a direct message to the requester", error)
+            return False
+        return True
 
     async def _delete_message(self, job: Job, message_id: int) -> None:
+        """Delete the progress message; if Discord refuses, edit it to point at the picture."""
         message = self._bot.get_partial_messageable(
             job.channel_id, guild_id=job.guild_id
         ).get_partial_message(message_id)
         try:
             await message.delete()
+            return
         except discord.NotFound:
-            pass
-        except discord.HTTPException as error:
+            return
+        except (discord.HTTPException, discord.RateLimited) as error:
             self._log_http_error(job, "delete the progress message", error)
+        try:
+            await message.edit(
+                content=job_content(job, "done, the picture is posted below"),
+                view=None,
+                attachments=[],
+                allowed_mentions=mention_only(job.user_id),
+            )
+        except (discord.HTTPException, discord.RateLimited) as error:
+            self._log_http_error(job, "mark the progress message done", error)
 
     def upload_limit(self, job: Job) -> int:
         """Return the largest file, in bytes, the bot may upload in the job's channel."""

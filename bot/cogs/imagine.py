@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from bot import guild_config
 from bot.jobs import Job, NewJob
-from bot.options import MAX_SEED, OptionsError, parse_imagine
+from bot.options import MAX_SEED, OptionsError, clean_text, parse_imagine
 from bot.presenter import REQUIRED_PERMISSIONS
 from bot.store import QueueFull
 from generator.request import GenerationRequest, RequestError
@@ -33,8 +33,21 @@ log = logging.getLogger(__name__)
 
 # Largest init image accepted, in bytes and in pixels.
 MAX_INIT_IMAGE_BYTES = 8 * 1024 * 1024
-MAX_INIT_IMAGE_PIXELS = 4096 * 4096
+MAX_INIT_IMAGE_SIDE = 4096
+MAX_INIT_IMAGE_PIXELS = MAX_INIT_IMAGE_SIDE * MAX_INIT_IMAGE_SIDE
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/gif")
+# Pillow opens only these formats here: others (EPS runs Ghostscript) are never tried.
+PILLOW_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
+# Pillow refuses to open images over twice this many pixels (DecompressionBombError) before
+# decoding anything, so a small file that claims huge dimensions costs no memory. Set here
+# rather than left to Pillow's default, which is 89 megapixels.
+Image.MAX_IMAGE_PIXELS = MAX_INIT_IMAGE_PIXELS
+# Discord's limit on a message's text, in characters.
+MESSAGE_LIMIT = 2000
+# Attempts at acknowledging an interaction when Discord returns a server error. They
+# must all fit in Discord's 3 seconds.
+ACKNOWLEDGE_ATTEMPTS = 3
+ACKNOWLEDGE_BACKOFF = 0.25
 
 ASPECT_CHOICES = [
     app_commands.Choice(name="1:1 square", value="1:1"),
@@ -81,8 +94,10 @@ class ImagineCog(commands.Cog):
         image: discord.Attachment | None = None,
     ) -> None:
         """Turn a text prompt into a picture."""
-        await interaction.response.defer(ephemeral=True, thinking=True)
+        await acknowledge(interaction)
         try:
+            prompt = clean_text(prompt, "prompt")
+            negative = clean_text(negative, "negative") if negative is not None else None
             config = await self.bot.guild_config(interaction.guild_id)
             check_channel_and_words(interaction, config, prompt, negative)
             options = parse_imagine(
@@ -108,9 +123,57 @@ class ImagineCog(commands.Cog):
                 progress_every=config["progress_interval"],
             )
         except (OptionsError, RequestRejected) as error:
-            await interaction.followup.send(str(error), ephemeral=True)
+            log.info("Rejected /imagine of user %d: %s", interaction.user.id, error)
+            await reply(interaction, str(error))
             return
         await queue_request(interaction, request, prompt, config)
+
+
+async def acknowledge(interaction: discord.Interaction[Any]) -> None:
+    """Defer the interaction ephemerally, retrying Discord server errors within 3 seconds.
+
+    discord.py retries server errors of interaction callbacks itself against the real
+    Discord; this covers the errors it passes on.
+
+    Raises:
+        discord.HTTPException: the last error, when every attempt failed.
+    """
+    for attempt in range(1, ACKNOWLEDGE_ATTEMPTS + 1):
+        try:
+            await interaction.response.defer(ephemeral=True, thinking=True)
+            return
+        except discord.HTTPException as error:
+            if error.status < 500 or attempt == ACKNOWLEDGE_ATTEMPTS:
+                raise
+            log.warning(
+                "Acknowledging an interaction of user %d failed (HTTP %s, attempt %d); retrying",
+                interaction.user.id,
+                error.status,
+                attempt,
+            )
+            await asyncio.sleep(ACKNOWLEDGE_BACKOFF * attempt)
+
+
+async def reply(interaction: discord.Interaction[Any], text: str) -> bool:
+    """Send ``text`` to the user as an ephemeral followup; return whether Discord took it.
+
+    Text over Discord's 2000 characters is shortened. A failure is logged, not raised: the
+    caller has nothing better to tell the user.
+    """
+    if len(text) > MESSAGE_LIMIT:
+        text = text[: MESSAGE_LIMIT - 1] + "…"
+    try:
+        await interaction.followup.send(text, ephemeral=True)
+    except discord.HTTPException as error:
+        log.warning(
+            "Could not reply to user %d (HTTP %s, code %s): %s",
+            interaction.user.id,
+            error.status,
+            error.code,
+            text[:100],
+        )
+        return False
+    return True
 
 
 async def resubmit(
@@ -121,13 +184,13 @@ async def resubmit(
     ``same_seed`` reproduces the picture; otherwise a new seed gives a variation.
     """
     bot = interaction.client
-    await interaction.response.defer(ephemeral=True, thinking=True)
+    await acknowledge(interaction)
     job = await bot.store.get(job_id)
     if job is None:
-        await interaction.followup.send(
+        await reply(
+            interaction,
             f"Picture #{job_id} was deleted, so it cannot be made again. "
             "Use /imagine with its prompt instead.",
-            ephemeral=True,
         )
         return
 
@@ -138,7 +201,7 @@ async def resubmit(
     try:
         check_channel_and_words(interaction, config, job.prompt, None)
     except RequestRejected as error:
-        await interaction.followup.send(str(error), ephemeral=True)
+        await reply(interaction, str(error))
         return
     await queue_request(interaction, request, job.prompt, config)
 
@@ -178,16 +241,23 @@ async def queue_request(
     bot = interaction.client
     missing = missing_channel_permissions(interaction)
     if missing:
-        await interaction.followup.send(
+        log.warning(
+            "Refused /imagine of user %d in channel %d: missing permission(s) %s",
+            interaction.user.id,
+            interaction.channel_id,
+            ", ".join(missing),
+        )
+        await reply(
+            interaction,
             "I can't show pictures in this channel: I need the "
             f"{', '.join(missing)} permission(s) here. Ask a server admin to grant them.",
-            ephemeral=True,
         )
         return None
     try:
         request.validate()
     except RequestError as error:
-        await interaction.followup.send(f"{error}", ephemeral=True)
+        log.info("Rejected a request of user %d: %s", interaction.user.id, error)
+        await reply(interaction, str(error))
         return None
 
     new_job = NewJob(
@@ -205,24 +275,22 @@ async def queue_request(
         )
     except QueueFull as error:
         log.info("Rejected a job of user %d: %s", interaction.user.id, error.limit_name)
-        await interaction.followup.send(str(error), ephemeral=True)
+        await reply(interaction, str(error))
         return None
     bot.executor.wake()
+    bot.presenter.remember_interaction(job.id, interaction)
 
+    # From here on the job is stored: a failed reply must not make the user think otherwise,
+    # and the job's channel message mentions them in any case.
     minutes = math.ceil(await estimate_wait_seconds(bot, job) / 60)
-    await interaction.followup.send(
-        f"Queued as #{job.id}, position {position}, about {max(minutes, 1)} min.",
-        ephemeral=True,
+    await reply(
+        interaction, f"Queued as #{job.id}, position {position}, about {max(minutes, 1)} min."
     )
     message_id = await bot.presenter.show_job(
         job, f"queued, position {position}", replace=False
     )
     if message_id is None:
-        await interaction.followup.send(
-            f"Job #{job.id} is queued, but I could not post its progress message here; "
-            "the picture will still be posted when it is done, if I can.",
-            ephemeral=True,
-        )
+        await reply(interaction, bot.presenter.cannot_post_text(job))
     return job
 
 
@@ -247,15 +315,21 @@ async def save_init_image(bot: ImagineBot, attachment: discord.Attachment) -> st
     """Download, check and save an uploaded starting picture; return the saved PNG's path.
 
     Raises:
-        RequestRejected: the file is too large or not a picture the bot can read.
+        RequestRejected: the file is empty, too large, not a PNG, JPEG, WebP or GIF picture,
+            over 4096×4096 pixels, or damaged.
     """
+    if attachment.size == 0:
+        raise RequestRejected(
+            f"The image {attachment.filename!r} is an empty file. Upload the picture again."
+        )
     if attachment.size > MAX_INIT_IMAGE_BYTES:
         raise RequestRejected(
             f"The image {attachment.filename!r} is {attachment.size / 2**20:.1f} MiB; the limit "
             f"is {MAX_INIT_IMAGE_BYTES // 2**20} MiB. Upload a smaller PNG or JPEG."
         )
     content_type = (attachment.content_type or "").split(";")[0].strip()
-    if content_type and content_type not in IMAGE_TYPES:
+    # Files without a known type come as octet-stream: Pillow decides for those.
+    if content_type not in ("", "application/octet-stream", *IMAGE_TYPES):
         raise RequestRejected(
             f"{attachment.filename!r} is not a picture ({content_type}). "
             "Upload a PNG, JPEG, WebP or GIF file."
@@ -276,19 +350,35 @@ async def save_init_image(bot: ImagineBot, attachment: discord.Attachment) -> st
 
 
 def _convert_to_png(data: bytes, filename: str, path: Path) -> None:
+    """Decode the first frame of an uploaded picture and save it as an RGB PNG at ``path``."""
+    too_large = RequestRejected(
+        f"The image {filename!r} is over {MAX_INIT_IMAGE_SIDE}×{MAX_INIT_IMAGE_SIDE} pixels, "
+        "the most I accept. Upload a smaller picture."
+    )
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.width * image.height > MAX_INIT_IMAGE_PIXELS:
-                raise RequestRejected(
-                    f"The image {filename!r} is {image.width}×{image.height} pixels; the limit "
-                    "is 4096×4096. Upload a smaller picture."
-                )
-            image.seek(0)
-            rgb = image.convert("RGB")
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError):
+        image = Image.open(io.BytesIO(data), formats=PILLOW_FORMATS)
+    except Image.DecompressionBombError:
+        raise too_large from None
+    except (UnidentifiedImageError, OSError, ValueError):
         raise RequestRejected(
             f"{filename!r} is not a picture I can read. Upload a PNG, JPEG, WebP or GIF file."
         ) from None
+
+    with image:
+        if image.width * image.height > MAX_INIT_IMAGE_PIXELS:
+            raise RequestRejected(
+                f"The image {filename!r} is {image.width}×{image.height} pixels; the limit is "
+                f"{MAX_INIT_IMAGE_SIDE}×{MAX_INIT_IMAGE_SIDE}. Upload a smaller picture."
+            )
+        try:
+            image.seek(0)
+            rgb = image.convert("RGB")
+        except (OSError, ValueError, SyntaxError) as error:
+            log.info("Could not decode the uploaded image %r: %s", filename, error)
+            raise RequestRejected(
+                f"The image {filename!r} is damaged or cut short, so I cannot read it. "
+                "Save it again and upload the new file."
+            ) from None
     path.parent.mkdir(parents=True, exist_ok=True)
     rgb.save(path, "PNG")
 
