@@ -2,8 +2,8 @@
 
 The models are CLIP ViT-B/32 (open_clip's ``ViT-B-32-quickgelu``, wrapped by
 ``load_clip`` as for OpenAI's weights) and the vqgan_imagenet_f16_16384
-autoencoder, both built from their configs with random weights: no download is
-needed, and the time of a step does not depend on the weight values.
+autoencoder. Both are built from their configs with random weights, so no
+download is needed. The time of a step does not depend on the weight values.
 
 For each setting (output side and cutouts) a fresh child process builds the
 models and then measures:
@@ -133,7 +133,7 @@ def time_generate(
 
 
 class _Stopwatch:
-    """Accumulates the seconds between calls to ``lap`` under stage names."""
+    """Seconds per stage, accumulated between calls to ``lap``."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -159,7 +159,7 @@ def _targets(clip: Clip) -> list[PromptTarget]:
 
 @dataclass
 class StepRecipe:
-    """What one optimisation step is made of, so that two implementations can be timed alike.
+    """The parts of one optimisation step, so that two implementations can be timed alike.
 
     ``decode`` maps a quantised latent to an image in about [-1, 1], and
     ``quantize(z, codebook)`` snaps z to the codebook with a straight-through gradient.
@@ -174,7 +174,7 @@ class StepRecipe:
 
 
 def our_recipe(models: Models) -> StepRecipe:
-    """The step ``generate`` takes (see ``generator.generate._Run._step``)."""
+    """Return the parts of the step ``generate`` takes (see ``generator.generate._Run._step``)."""
     return StepRecipe(
         decode=models.vqgan.decode,
         quantize=quantize_latent,
@@ -186,7 +186,7 @@ def our_recipe(models: Models) -> StepRecipe:
 
 
 def _one_hot_quantize(z: Tensor, codebook: Tensor) -> Tensor:
-    """Nearest-code quantisation through a one-hot matrix product, the reference's way."""
+    """Quantise z to the nearest codes through a one-hot matrix product, as the reference does."""
     x = z.movedim(1, -1)
     distances = x.pow(2).sum(-1, keepdim=True) + codebook.pow(2).sum(1) - 2 * x @ codebook.T
     one_hot = F.one_hot(distances.argmin(-1), codebook.shape[0]).to(x.dtype)
@@ -194,7 +194,7 @@ def _one_hot_quantize(z: Tensor, codebook: Tensor) -> Tensor:
 
 
 def reference_recipe(device: torch.device) -> StepRecipe:
-    """A step computed as nerdyrodent/VQGAN-CLIP's generate.py computes it, random weights.
+    """Build a step computed as nerdyrodent/VQGAN-CLIP's generate.py computes it (random weights).
 
     taming-transformers' own decoder modules, CLIP without our faster attention
     and patch embedding, one-hot quantisation and AdamW. The cutouts and

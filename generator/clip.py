@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 _SCHEMA_PREFIXES = ("hf-hub:", "local-dir:")
 # Architectures shipped with open_clip, before any add_model_config call.
 _BUILTIN_MODELS = frozenset(open_clip.list_models())
-# PRETRAINED value that asks for the architecture with random weights.
+# PRETRAINED value that selects the architecture with random weights.
 RANDOM_WEIGHTS = "random"
 
 

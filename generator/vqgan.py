@@ -97,7 +97,7 @@ def _fold_taps(weight: Tensor, dim: int) -> tuple[Tensor, Tensor]:
 def upsample_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``conv3x3(nearest_upsample_2x(x))`` (zero padding 1) computed at the input's resolution.
 
-    Each of the four output phases (even or odd row, even or odd column) sees
+    Each of the four output phases (even or odd row, even or odd column) reads
     only a 2x2 neighbourhood of input pixels, so its 3x3 kernel folds into a
     2x2 kernel: 16 instead of 36 multiply-adds per input pixel and channel
     pair. The result equals the upsample-then-convolve sequence up to float
