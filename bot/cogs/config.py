@@ -38,20 +38,28 @@ class ConfigCog(
         self.bot: ImagineBot = bot
         super().__init__()
 
-    async def interaction_check(self, interaction: discord.Interaction[ImagineBot]) -> bool:
+    async def _reject_non_admin(self, interaction: discord.Interaction[ImagineBot]) -> bool:
+        """Reply to a caller who may not configure this server; return True if rejected.
+
+        Each command calls this itself rather than through ``interaction_check``: a failed
+        ``interaction_check`` raises ``CheckFailure``, which the bot's error handler would
+        report as a bot failure after the rejection was already sent.
+        """
         if interaction.guild_id is not None and self.bot.is_admin(interaction):
-            return True
+            return False
         log.info(
             "Rejected /config from user %d in guild %s: missing Manage Server",
             interaction.user.id,
             interaction.guild_id,
         )
         await interaction.response.send_message(NOT_ALLOWED, ephemeral=True)
-        return False
+        return True
 
     @app_commands.command(name="show")
     async def show(self, interaction: discord.Interaction[ImagineBot]) -> None:
         """Show every setting of this server and its allowed values."""
+        if await self._reject_non_admin(interaction):
+            return
         assert interaction.guild_id is not None
         stored = await self.bot.store.guild_settings(interaction.guild_id)
         config = guild_config.effective(stored, self.bot.settings, self.bot.on_cpu)
@@ -71,6 +79,8 @@ class ConfigCog(
         value: app_commands.Range[str, 1, 2000],
     ) -> None:
         """Change one setting of this server."""
+        if await self._reject_non_admin(interaction):
+            return
         assert interaction.guild_id is not None
         try:
             parsed = guild_config.parse_value(key, value, self.bot.settings)
@@ -87,6 +97,8 @@ class ConfigCog(
     @app_commands.describe(key="The setting to return to its default")
     async def reset(self, interaction: discord.Interaction[ImagineBot], key: str) -> None:
         """Return one setting of this server to its default."""
+        if await self._reject_non_admin(interaction):
+            return
         assert interaction.guild_id is not None
         name = key.strip().lower()
         if name not in CONFIG_KEYS:
