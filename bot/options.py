@@ -58,6 +58,7 @@ _CLIP_PIECE_RE = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)
 ZERO_WIDTH_JOINER = "\u200d"
 # Maximum length of a user value quoted back in an error message, in characters.
 ECHO_LIMIT = 40
+_LONG_QUOTE_RE = re.compile(rf"'([^']{{{ECHO_LIMIT + 1},}})'")
 T = TypeVar("T")
 
 
@@ -253,7 +254,8 @@ def _parse_text(text: str) -> list[Prompt]:
     try:
         return parse_prompts(text)
     except PromptError as error:
-        raise OptionsError(f"{error} A prompt that works: `{EXAMPLE} --no fog`.") from None
+        message = _shorten_quotes(str(error), text)
+        raise OptionsError(f"{message} A prompt that works: `{EXAMPLE} --no fog`.") from None
 
 
 def _parse_negative_option(negative: str | None) -> list[Prompt]:
@@ -269,6 +271,18 @@ def _parse_negative_option(negative: str | None) -> list[Prompt]:
     return [Prompt(item, -1.0) for item in items]
 
 
+def _shorten_quotes(message: str, text: str) -> str:
+    """Shorten the long pieces of ``text`` that a grammar error quotes in single quotes."""
+
+    def shorten(match: re.Match[str]) -> str:
+        quoted = match[1]
+        if quoted not in text:
+            return match[0]  # the span between two quotes of the message itself
+        return f"'{quoted[: ECHO_LIMIT - 1]}…'"
+
+    return _LONG_QUOTE_RE.sub(shorten, message)
+
+
 def _check_token_counts(prompts: Iterable[Prompt]) -> None:
     for prompt in prompts:
         count = estimate_min_tokens(prompt.text)
@@ -276,7 +290,7 @@ def _check_token_counts(prompts: Iterable[Prompt]) -> None:
             raise OptionsError(
                 f"The prompt {_quote(prompt.text)} is at least {count} tokens long, but CLIP "
                 f"reads at most {CLIP_CONTEXT_LENGTH}: shorten it by about "
-                f"{count - CLIP_CONTEXT_LENGTH} words, for example `{EXAMPLE}`."
+                f"{count - CLIP_CONTEXT_LENGTH} word(s), for example `{EXAMPLE}`."
             )
 
 

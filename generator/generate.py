@@ -48,6 +48,12 @@ logger = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
 
+# Init and image prompts over this many pixels are rejected before decoding. Pillow raises
+# DecompressionBombError at twice its MAX_IMAGE_PIXELS, so a small file that claims huge
+# dimensions is refused without allocating them.
+MAX_INPUT_PIXELS = 8192 * 8192
+Image.MAX_IMAGE_PIXELS = MAX_INPUT_PIXELS // 2
+
 # An estimate of the memory one fp32 optimisation step needs beyond the loaded
 # models. The decoder's activations kept for the backward pass grow with the
 # pixel count, and CLIP's grow with the cutouts times the square of its input
@@ -524,6 +530,11 @@ def _load_rgb(path: str, role: str) -> Image.Image:
             return image.convert("RGB")
     except FileNotFoundError:
         raise RequestError(f"The {role} '{path}' was not found: check the path.") from None
+    except Image.DecompressionBombError:
+        raise RequestError(
+            f"The {role} '{path}' is too large: use a picture of at most {MAX_INPUT_PIXELS:,} "
+            "pixels."
+        ) from None
     except (UnidentifiedImageError, OSError) as error:
         raise RequestError(
             f"The {role} '{path}' could not be read as an image ({error}): use a PNG or JPEG file."
