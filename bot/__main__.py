@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import logging
 import sys
 
@@ -15,6 +17,10 @@ Run the imagine Discord bot. Configuration comes from environment variables
 With --sandbox, the real bot runs against simcord's simulated Discord instead, with
 a browser page on 127.0.0.1 where you can type /imagine as one of a few simulated
 members. No token and no network are needed.
+
+SIGTERM or Ctrl-C (SIGINT) stops the bot gracefully within 10 seconds: it takes no new
+job, puts the running job back at the front of the queue with its last saved state, and
+stops the generator process.
 """
 
 
@@ -42,14 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="sandbox only: use tiny random-weight models (the default when the VQGAN "
         "checkpoint is not in the models directory); pictures are noise, but fast",
     )
+    parser.add_argument(
+        "--prompt",
+        default=None,
+        help="sandbox only: the /imagine prompt the admin sends at start, flags included "
+        "(default: a 30-iteration example with tiny models, nothing otherwise)",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status (2 for invalid settings or arguments)."""
     arguments = build_parser().parse_args(argv)
-    if not arguments.sandbox and (arguments.port is not None or arguments.tiny):
-        print("--port and --tiny only apply with --sandbox.", file=sys.stderr)
+    sandbox_only = arguments.port is not None or arguments.tiny or arguments.prompt is not None
+    if not arguments.sandbox and sandbox_only:
+        print("--port, --tiny and --prompt only apply with --sandbox.", file=sys.stderr)
         return 2
 
     try:
@@ -64,13 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     if arguments.sandbox:
         from bot.sandbox import run_sandbox
 
-        return run_sandbox(settings, port=arguments.port, tiny=arguments.tiny)
+        return run_sandbox(
+            settings, port=arguments.port, tiny=arguments.tiny, prompt=arguments.prompt
+        )
 
-    from bot.client import create_bot
+    from bot.client import create_bot, serve
 
     bot = create_bot(settings)
-    # Logging is configured above; discord.py must not add a second handler.
-    bot.run(token, log_handler=None)
+    # A Ctrl-C before serve() installs its handlers interrupts asyncio.run instead.
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(bot, token))
     logging.getLogger(__name__).info("Bot stopped")
     return 0
 

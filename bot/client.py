@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
-from collections.abc import Coroutine
+import signal
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,7 +23,7 @@ from bot.settings import Settings
 from bot.store import JobStore
 from bot.views import JobButton
 
-__all__ = ["ImagineBot", "create_bot"]
+__all__ = ["SHUTDOWN_SIGNALS", "ImagineBot", "create_bot", "on_shutdown_signals", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,10 @@ T = TypeVar("T")
 # discord.py waits out rate limits up to this many seconds itself, and raises RateLimited
 # for longer ones so that progress edits can drop a frame instead of stalling.
 MAX_RATELIMIT_TIMEOUT = 30.0
+# The bot stops gracefully on these instead of dying: see ImagineBot.close.
+SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# How long close() waits for a setup_hook in progress (it waits for the worker's device).
+SETUP_WAIT_TIMEOUT_S = 30.0
 
 
 class ImagineBot(commands.Bot):
@@ -38,7 +44,8 @@ class ImagineBot(commands.Bot):
     ``setup_hook`` opens the store (applying migrations), starts the executor (which requeues
     jobs a previous run left running), registers the persistent buttons, loads the cogs,
     syncs the slash commands and updates the messages of the requeued jobs. ``close`` stops
-    the executor (saving the running job's state) and closes the store.
+    the executor (requeueing the running job with its last saved state) and closes the store;
+    calling it again waits for the first call.
     """
 
     def __init__(self, settings: Settings, *, store_path: Path | None = None) -> None:
@@ -55,18 +62,25 @@ class ImagineBot(commands.Bot):
         self.store: JobStore
         self.executor: Executor
         self.presenter: Presenter = Presenter(self)
+        self._setup_started: bool = False
+        self._setup_done: asyncio.Event = asyncio.Event()
+        self._shutdown: asyncio.Task[None] | None = None
 
     async def setup_hook(self) -> None:
-        self.store = await JobStore.open(self.store_path)
-        self.executor = Executor(self.store, self.settings, self.presenter)
-        recovered = await run_detached(self.executor.start())
+        self._setup_started = True
+        try:
+            self.store = await JobStore.open(self.store_path)
+            self.executor = Executor(self.store, self.settings, self.presenter)
+            recovered = await run_detached(self.executor.start())
 
-        self.add_dynamic_items(JobButton)
-        await self._load_cogs()
-        self.tree.on_error = self.on_app_command_error
-        synced = await self.tree.sync()
-        log.info("Synced %d slash commands", len(synced))
-        await self.presenter.announce_recovered(recovered)
+            self.add_dynamic_items(JobButton)
+            await self._load_cogs()
+            self.tree.on_error = self.on_app_command_error
+            synced = await self.tree.sync()
+            log.info("Synced %d slash commands", len(synced))
+            await self.presenter.announce_recovered(recovered)
+        finally:
+            self._setup_done.set()
 
     async def _load_cogs(self) -> None:
         from bot.cogs import config, imagine, info, queue
@@ -75,6 +89,19 @@ class ImagineBot(commands.Bot):
             await module.setup(self)
 
     async def close(self) -> None:
+        """Stop the executor, close the store and disconnect; later calls wait for the first."""
+        if self._shutdown is None:
+            # Shielded, so a caller cancelled mid-way (Ctrl-C in asyncio.run) does not cut
+            # the shutdown short.
+            self._shutdown = asyncio.ensure_future(self._close_once())
+        await asyncio.shield(self._shutdown)
+
+    async def _close_once(self) -> None:
+        started = asyncio.get_running_loop().time()
+        if self._setup_started and not self._setup_done.is_set():
+            # setup_hook is running (close() during start-up): let it finish opening things.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._setup_done.wait(), SETUP_WAIT_TIMEOUT_S)
         executor = getattr(self, "executor", None)
         if executor is not None:
             await executor.stop()
@@ -82,6 +109,7 @@ class ImagineBot(commands.Bot):
         if store is not None:
             await store.close()
         await super().close()
+        log.info("Closed in %.1f s", asyncio.get_running_loop().time() - started)
 
     # -- helpers the cogs share -------------------------------------------------------------
 
@@ -147,6 +175,54 @@ async def run_detached(coroutine: Coroutine[Any, Any, T]) -> T:
     loop = asyncio.get_running_loop()
     task = contextvars.Context().run(loop.create_task, coroutine)
     return await task
+
+
+def on_shutdown_signals(stop: Callable[[str], None]) -> Callable[[], None]:
+    """Call ``stop(signal_name)`` on SIGTERM and SIGINT instead of the default handlers.
+
+    Must run inside the event loop; ``stop`` runs in it. Returns a function that restores
+    the previous handlers. Where the loop cannot handle signals (Windows), nothing changes
+    and a warning is logged: Ctrl-C then interrupts asyncio.run as usual.
+    """
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    for signum in SHUTDOWN_SIGNALS:
+        try:
+            loop.add_signal_handler(signum, stop, signum.name)
+        except (NotImplementedError, RuntimeError) as error:
+            log.warning("Cannot handle %s for a graceful shutdown: %s", signum.name, error)
+            continue
+        installed.append(signum)
+
+    def restore() -> None:
+        for signum in installed:
+            loop.remove_signal_handler(signum)
+
+    return restore
+
+
+async def serve(bot: ImagineBot, token: str) -> None:
+    """Run ``bot`` until it is closed or the process gets SIGTERM or SIGINT, then close it.
+
+    A signal starts ``bot.close()``: the executor takes no new job, the running job is
+    requeued with its last saved state, the worker process exits and the gateway closes.
+    """
+
+    closing: list[asyncio.Task[None]] = []
+
+    def stop(signal_name: str) -> None:
+        if closing:
+            log.info("Received %s again; the shutdown is already running", signal_name)
+            return
+        log.info("Received %s, shutting down", signal_name)
+        closing.append(asyncio.ensure_future(bot.close()))
+
+    restore = on_shutdown_signals(stop)
+    try:
+        async with bot:
+            await bot.start(token)
+    finally:
+        restore()
 
 
 def create_bot(settings: Settings, *, store_path: Path | None = None) -> ImagineBot:

@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 # Starting a worker imports torch, which takes a few seconds (longer on a busy machine).
 WORKER_START_TIMEOUT_S = 120.0
 WORKER_EXIT_TIMEOUT_S = 5.0
+# stop() finishes within this many seconds, whatever the worker does.
+STOP_TIMEOUT_S = 10.0
+# The part of stop()'s time kept for terminating a worker that did not stop its job in time.
+WORKER_KILL_RESERVE_S = 3.0
 RATE_META_KEY = "iterations_per_s"
 STATE_FILE_PATTERN = re.compile(r"job-(\d+)\.pt")
 
@@ -147,9 +151,9 @@ class _WorkerHandle:
                 self.send({"type": "exit"})
             await asyncio.to_thread(self.process.join, timeout)
         if self.alive():
-            log.warning("Worker pid %s did not exit in %.0f s; terminating it", self.pid, timeout)
+            log.warning("Worker pid %s did not exit in %.1f s; terminating it", self.pid, timeout)
             self.process.terminate()
-            await asyncio.to_thread(self.process.join, 2.0)
+            await asyncio.to_thread(self.process.join, 1.0)
         if self.alive():
             self.process.kill()
             await asyncio.to_thread(self.process.join, 2.0)
@@ -273,13 +277,15 @@ class Executor:
                 return remaining / self._rate
         return None
 
-    async def stop(self, timeout: float = 10.0) -> None:
-        """Stop taking jobs, stop the running job and the worker within about ``timeout`` s.
+    async def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        """Stop taking jobs, stop the running job and the worker within ``timeout`` seconds.
 
-        The running job goes back to the front of the queue. The worker stops it at the next
-        iteration, so a later start resumes it from its last saved state (saved every
-        ``progress_every`` iterations). A worker that does not exit is terminated, then killed.
+        The running job goes back to the front of the queue without counting an interruption.
+        The worker stops it before its next iteration, so a later start resumes it from its
+        last saved state (saved every ``progress_every`` iterations). A worker still inside
+        an iteration ``WORKER_KILL_RESERVE_S`` before the deadline is terminated, then killed.
         """
+        deadline = asyncio.get_running_loop().time() + timeout
         self._stopping = True
         self._wake.set()
         running = self._current
@@ -289,9 +295,10 @@ class Executor:
         task = self._task
         graceful = True
         if task is not None:
-            done, _ = await asyncio.wait({task}, timeout=timeout)
+            wait = max(0.0, timeout - WORKER_KILL_RESERVE_S)
+            done, _ = await asyncio.wait({task}, timeout=wait)
             if not done:
-                log.warning("The dispatcher did not stop within %.0f s; cancelling it", timeout)
+                log.warning("The running job did not stop within %.1f s; cancelling it", wait)
                 graceful = False
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -301,7 +308,8 @@ class Executor:
 
         if self._worker is not None:
             # A worker still inside a long iteration gets only a moment before SIGTERM.
-            await self._worker.shutdown(WORKER_EXIT_TIMEOUT_S if graceful else 1.0)
+            remaining = deadline - asyncio.get_running_loop().time() - 2.0
+            await self._worker.shutdown(max(0.5, remaining) if graceful else 0.5)
             self._worker = None
         log.info("The executor stopped")
 
@@ -341,6 +349,10 @@ class Executor:
             except WorkerError as error:
                 log.error("Job %d failed: the generator worker could not start: %s", job.id, error)
                 await self._fail(job, WORKER_START_FAILED)
+                return
+            if self._stopping:
+                # stop() came while a new worker started, and that worker's stop_event is unset.
+                await self._store.requeue(job.id)
                 return
             if await self._send_job(worker, job):
                 await self._relay(worker, job)
@@ -463,6 +475,13 @@ class Executor:
         requeued = await self._store.requeue(job.id)
         saved = requeued.saved_iteration if requeued else None
         log.info("Job %d stopped for shutdown; requeued with state saved at %s", job.id, saved)
+        if not self._stopping:
+            # The worker stopped on its own (SIGTERM sent to it, as a service manager does
+            # to every process of the service) and exits now. The next job gets a new one.
+            log.warning("The generator worker (pid %s) stopped by itself", worker.pid)
+            await worker.shutdown()
+            self._worker = None
+            self._restarts += 1
         return True
 
     def _note_worker_status(self, message: dict[str, Any]) -> bool:

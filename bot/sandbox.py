@@ -42,8 +42,14 @@ def real_weights_present(settings: Settings) -> bool:
     return (settings.models_dir / f"{settings.vqgan_model}.ckpt").is_file()
 
 
-def run_sandbox(settings: Settings, *, port: int | None = None, tiny: bool = False) -> int:
-    """Run the sandbox until the preview page is closed or Ctrl-C; return the exit status."""
+def run_sandbox(
+    settings: Settings, *, port: int | None = None, tiny: bool = False, prompt: str | None = None
+) -> int:
+    """Run the sandbox until the preview page is closed, Ctrl-C or SIGTERM; return 0.
+
+    ``prompt`` is sent as /imagine by the admin at start (default: ``DEMO_PROMPT`` with tiny
+    models, nothing otherwise). A signal closes the bot gracefully, as ``python -m bot`` does.
+    """
     try:
         import simcord  # noqa: F401
         from simcord.preview import Preview  # noqa: F401
@@ -54,11 +60,35 @@ def run_sandbox(settings: Settings, *, port: int | None = None, tiny: bool = Fal
         )
         return 2
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_run(settings, port=port, tiny=tiny))
+        asyncio.run(_run(settings, port=port, tiny=tiny, prompt=prompt))
     return 0
 
 
-async def _run(settings: Settings, *, port: int | None, tiny: bool) -> None:
+async def _run(settings: Settings, *, port: int | None, tiny: bool, prompt: str | None) -> None:
+
+    from bot.client import on_shutdown_signals
+
+    stop_requested = asyncio.Event()
+
+    def stop(signal_name: str) -> None:
+        log.info("Received %s, closing the sandbox", signal_name)
+        stop_requested.set()
+
+    restore_signals = on_shutdown_signals(stop)
+    try:
+        await _run_bot(settings, port=port, tiny=tiny, prompt=prompt, stop_requested=stop_requested)
+    finally:
+        restore_signals()
+
+
+async def _run_bot(
+    settings: Settings,
+    *,
+    port: int | None,
+    tiny: bool,
+    prompt: str | None,
+    stop_requested: asyncio.Event,
+) -> None:
     import simcord
 
     from bot.client import create_bot
@@ -81,17 +111,20 @@ async def _run(settings: Settings, *, port: int | None, tiny: bool) -> None:
                 env.create_user("ada", global_name="Ada (admin)"), roles=[admins]
             )
             bob = guild.add_member(env.create_user("bob", global_name="Bob"))
-            if tiny:
+            if prompt is None and tiny:
                 # Tiny models finish in seconds, so the page opens on a finished example.
-                await ada.slash(channel, "imagine", prompt=DEMO_PROMPT)
+                prompt = DEMO_PROMPT
+            if prompt is not None:
+                await ada.slash(channel, "imagine", prompt=prompt)
 
             preview = env.preview(channel, viewers=[ada, bob], layout="channel", port=port)
             async with preview:
                 print(f"Sandbox ready: open {preview.url}", flush=True)
                 print("Type /imagine in the page; press Ctrl-C here to stop.", flush=True)
-                await _refresh_until_closed(preview)
+                await _refresh_until_closed(preview, stop_requested)
         finally:
             await bot.close()
+            log.info("Sandbox closed")
 
 
 async def _sandbox_settings(settings: Settings, workdir: Path, tiny: bool) -> Settings:
@@ -113,14 +146,15 @@ async def _sandbox_settings(settings: Settings, workdir: Path, tiny: bool) -> Se
     )
 
 
-async def _refresh_until_closed(preview: object) -> None:
+async def _refresh_until_closed(preview: object, stop_requested: asyncio.Event) -> None:
     from simcord import SetupError
 
     closed = asyncio.ensure_future(preview.wait_closed())  # type: ignore[attr-defined]
+    stopping = asyncio.ensure_future(stop_requested.wait())
     try:
-        while not closed.done():
-            await asyncio.wait({closed}, timeout=REFRESH_INTERVAL)
-            if closed.done():
+        while not closed.done() and not stopping.done():
+            await asyncio.wait({closed, stopping}, timeout=REFRESH_INTERVAL)
+            if closed.done() or stopping.done():
                 break
             try:
                 await preview.refresh()  # type: ignore[attr-defined]
@@ -131,3 +165,4 @@ async def _refresh_until_closed(preview: object) -> None:
                 log.warning("Preview refresh timed out: %s", error)
     finally:
         closed.cancel()
+        stopping.cancel()

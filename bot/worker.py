@@ -8,6 +8,10 @@ executor starts a new one.
 
 Messages from the executor:
     ``{"type": "run", "job_id", "request", "state_path", "resume"}`` and ``{"type": "exit"}``.
+The worker also stops a job as for a shutdown (``stopped``) and exits when it gets SIGTERM
+or when the bot process is gone (its parent process id changed), so a bot killed with SIGKILL
+leaves no worker computing for nobody. SIGINT is ignored: the bot handles Ctrl+C for it.
+
 Messages to the executor:
     - ``device`` (the resolved device) or ``fatal`` (no usable device; the worker exits);
     - ``ready`` or ``models_failed`` (after loading models);
@@ -23,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -78,14 +83,14 @@ class _JobLogFilter(logging.Filter):
         return True
 
 
-class _AnyEvent:
-    """Set when any of the events is set: what ``generate`` polls as its ``cancel``."""
+class _CancelCheck:
+    """What ``generate`` polls as its ``cancel``: a cancel or any reason to stop the worker."""
 
-    def __init__(self, *events: Event) -> None:
-        self._events = events
+    def __init__(self, worker: _Worker) -> None:
+        self._worker = worker
 
     def is_set(self) -> bool:
-        return any(event.is_set() for event in self._events)
+        return self._worker.cancel_event.is_set() or self._worker.should_stop()
 
 
 def worker_main(
@@ -101,6 +106,7 @@ def worker_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     job_filter = _configure_logging(config.log_level)
     worker = _Worker(connection, cancel_event, stop_event, config, job_filter)
+    signal.signal(signal.SIGTERM, worker.on_sigterm)
     try:
         worker.serve()
     except (EOFError, BrokenPipeError, ConnectionResetError):
@@ -138,6 +144,28 @@ class _Worker:
         self.job_filter = job_filter
         self.models: Models | None = None
         self.models_key: tuple[str, tuple[str, ...]] | None = None
+        self.parent_pid: int = os.getppid()
+        self.job_running: bool = False
+        self.terminate_requested: bool = False
+
+    def should_stop(self) -> bool:
+        """Return whether the worker must stop its job as for a shutdown and exit.
+
+        That is when the executor set ``stop_event``, SIGTERM arrived, or the bot process
+        died (the worker was re-parented).
+        """
+        return (
+            self.stop_event.is_set()
+            or self.terminate_requested
+            or os.getppid() != self.parent_pid
+        )
+
+    def on_sigterm(self, signum: int, frame: object) -> None:
+        """Exit at once when idle; stop the running job at its next iteration otherwise."""
+        # A flag, not stop_event.set(): that takes a lock the interrupted code may hold.
+        self.terminate_requested = True
+        if not self.job_running:
+            raise SystemExit(0)
 
     def send(self, message_type: str, **fields: Any) -> None:
         self.connection.send({"type": message_type, **fields})
@@ -161,7 +189,7 @@ class _Worker:
         with contextlib.suppress(ModelError):
             self.load_models(self.config.vqgan, self.config.clip_models)
 
-        while not self.stop_event.is_set():
+        while not self.should_stop():
             message = self.connection.recv()
             if message["type"] == "exit":
                 break
@@ -208,6 +236,7 @@ class _Worker:
 
         job_id = message["job_id"]
         self.job_filter.job_id = job_id
+        self.job_running = True
         request: GenerationRequest | None = None
         try:
             request = GenerationRequest.from_dict(message["request"])
@@ -217,7 +246,7 @@ class _Worker:
             self.send("started", job_id=job_id, resumed_at=resumed_at)
             self.generate(job_id, request, models, resume, message["state_path"])
         except GenerationCancelled as cancelled:
-            final = "stopped" if self.stop_event.is_set() else "cancelled"
+            final = "stopped" if self.should_stop() else "cancelled"
             log.info("Job %s after %d iterations", final, cancelled.iteration)
             self.send(final, job_id=job_id, iteration=cancelled.iteration)
         except ModelError:
@@ -237,6 +266,7 @@ class _Worker:
                 self.send("failed", job_id=job_id, kind="error", message=internal)
         finally:
             self.job_filter.job_id = None
+            self.job_running = False
 
     def load_resume(self, message: dict[str, Any]) -> dict[str, Any] | None:
         """Load the job's saved state, or return None (start over) if it cannot be read."""
@@ -270,7 +300,7 @@ class _Worker:
         image = generate(
             request,
             progress=reporter,
-            cancel=_AnyEvent(self.cancel_event, self.stop_event),
+            cancel=_CancelCheck(self),
             models=models,
             resume=resume,
             on_state=on_state,
