@@ -287,6 +287,27 @@ async def test_worker_killed_mid_job(running, store, tiny_models):
     assert info.worker_pid not in (None, killed_pid)
 
 
+async def test_resumed_job_matches_uninterrupted(running, store, tiny_models):
+    executor, events = running
+    job_request = request(tiny_models, iterations=80, progress_every=10, seed=11)
+    uninterrupted = await enqueue(store, executor, job_request, user=1)
+    expected = (await events.wait_final(uninterrupted.id)).data["png"]
+
+    interrupted = await enqueue(store, executor, job_request, user=2)
+    saved = await wait_saved_state(store, interrupted.id)
+    os.kill(executor.info().worker_pid, signal.SIGKILL)
+    final = await events.wait_final(interrupted.id)
+
+    assert final.kind == "finished"
+    resumed_at = [e.data["resumed_at"] for e in events.of(interrupted.id, "started")]
+    assert resumed_at[0] is None
+    assert resumed_at[1] is not None
+    assert resumed_at[1] >= saved
+    assert resumed_at[1] < 80  # the kill came before the end, so iterations were redone
+    assert open_png(final.data["png"]).tobytes() == open_png(expected).tobytes()
+    assert final.data["png"] == expected
+
+
 async def test_worker_killed_too_often_fails_job(running, store, tiny_models):
     executor, events = running
     job = await enqueue(store, executor, request(tiny_models, iterations=LONG, progress_every=20))
