@@ -20,6 +20,16 @@ __all__ = ["ENVIRONMENT_VARIABLES", "Settings", "SettingsError"]
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+# MODEL/PRETRAINED, where PRETRAINED is a tag or a path that may itself contain slashes.
+CLIP_SPEC_PATTERN = re.compile(r"[^/\s][^/]*/\S.*")
+# Settings field -> (environment variable, smallest and largest allowed value).
+WHOLE_NUMBER_RANGES: dict[str, tuple[str, int, int]] = {
+    "max_size": ("IMAGINE_MAX_SIZE", 16, 4096),
+    "max_iterations": ("IMAGINE_MAX_ITERATIONS", 1, 100_000),
+    "max_queue": ("IMAGINE_MAX_QUEUE", 1, 100_000),
+    "max_jobs_per_user": ("IMAGINE_MAX_JOBS_PER_USER", 1, 1000),
+    "threads": ("IMAGINE_THREADS", 1, 1024),
+}
 TOKEN_HELP = (
     "DISCORD_TOKEN is not set. Create an application at "
     "https://discord.com/developers/applications, open its Bot page, press 'Reset Token', "
@@ -79,18 +89,17 @@ class Settings:
         """Raise :class:`SettingsError` for the first field with an unusable value."""
         if not DEVICE_PATTERN.fullmatch(self.device):
             raise _invalid("IMAGINE_DEVICE", self.device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
-        if not self.clip_models or any(not spec.strip() for spec in self.clip_models):
+        clip_specs_valid = all(CLIP_SPEC_PATTERN.fullmatch(spec) for spec in self.clip_models)
+        if not self.clip_models or not clip_specs_valid:
             raise _invalid(
                 "IMAGINE_CLIP_MODEL", self.clip_model, "MODEL/PRETRAINED, e.g. 'ViT-B-32/openai'"
             )
         if not self.vqgan_model.strip():
             raise _invalid("IMAGINE_VQGAN_MODEL", self.vqgan_model, "a registry name or a path")
-        _check_range("IMAGINE_MAX_SIZE", self.max_size, 16, 4096)
-        _check_range("IMAGINE_MAX_ITERATIONS", self.max_iterations, 1, 100_000)
-        _check_range("IMAGINE_MAX_QUEUE", self.max_queue, 1, 100_000)
-        _check_range("IMAGINE_MAX_JOBS_PER_USER", self.max_jobs_per_user, 1, 1000)
-        if self.threads is not None:
-            _check_range("IMAGINE_THREADS", self.threads, 1, 1024)
+        for name, (variable, low, high) in WHOLE_NUMBER_RANGES.items():
+            value = getattr(self, name)
+            if value is not None and not low <= value <= high:
+                raise _invalid(variable, value, f"a whole number from {low} to {high}")
         if self.log_level not in LOG_LEVELS:
             raise _invalid("IMAGINE_LOG_LEVEL", self.log_level, ", ".join(LOG_LEVELS))
 
@@ -129,11 +138,16 @@ def _split_list(raw: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in raw.split(",") if item.strip())
 
 
-def _parse_int(raw: str) -> int:
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError("expected a whole number") from None
+def _whole_number(field_name: str) -> Callable[[str], int]:
+    _, low, high = WHOLE_NUMBER_RANGES[field_name]
+
+    def parse(raw: str) -> int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"expected a whole number from {low} to {high}.") from None
+
+    return parse
 
 
 def _parse_owner_ids(raw: str) -> frozenset[int]:
@@ -149,11 +163,6 @@ def _invalid(variable: str, value: object, allowed: str) -> SettingsError:
     return SettingsError(f"{variable}={value!r} is invalid; allowed: {allowed}.")
 
 
-def _check_range(variable: str, value: int, low: int, high: int) -> None:
-    if not low <= value <= high:
-        raise _invalid(variable, value, f"a whole number from {low} to {high}")
-
-
 # Environment variable -> (Settings field, conversion of the raw text).
 ENVIRONMENT_VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "DISCORD_TOKEN": ("token", str),
@@ -162,13 +171,13 @@ ENVIRONMENT_VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "IMAGINE_DEVICE": ("device", str.lower),
     "IMAGINE_CLIP_MODEL": ("clip_models", _split_list),
     "IMAGINE_VQGAN_MODEL": ("vqgan_model", str),
-    "IMAGINE_MAX_SIZE": ("max_size", _parse_int),
-    "IMAGINE_MAX_ITERATIONS": ("max_iterations", _parse_int),
-    "IMAGINE_MAX_QUEUE": ("max_queue", _parse_int),
-    "IMAGINE_MAX_JOBS_PER_USER": ("max_jobs_per_user", _parse_int),
+    "IMAGINE_MAX_SIZE": ("max_size", _whole_number("max_size")),
+    "IMAGINE_MAX_ITERATIONS": ("max_iterations", _whole_number("max_iterations")),
+    "IMAGINE_MAX_QUEUE": ("max_queue", _whole_number("max_queue")),
+    "IMAGINE_MAX_JOBS_PER_USER": ("max_jobs_per_user", _whole_number("max_jobs_per_user")),
     "IMAGINE_OWNER_IDS": ("owner_ids", _parse_owner_ids),
     "IMAGINE_LOG_LEVEL": ("log_level", str.upper),
-    "IMAGINE_THREADS": ("threads", _parse_int),
+    "IMAGINE_THREADS": ("threads", _whole_number("threads")),
 }
 
 

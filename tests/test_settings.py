@@ -52,7 +52,7 @@ def test_reads_every_variable(tmp_path):
     ("variable", "value", "expected"),
     [
         ("IMAGINE_DEVICE", "gpu", "'auto', 'cpu', 'cuda' or 'cuda:N'"),
-        ("IMAGINE_MAX_SIZE", "big", "whole number"),
+        ("IMAGINE_MAX_SIZE", "big", "whole number from 16 to 4096."),
         ("IMAGINE_MAX_SIZE", "8", "from 16 to 4096"),
         ("IMAGINE_MAX_ITERATIONS", "0", "from 1 to 100000"),
         ("IMAGINE_MAX_QUEUE", "-5", "from 1 to 100000"),
@@ -60,6 +60,8 @@ def test_reads_every_variable(tmp_path):
         ("IMAGINE_OWNER_IDS", "alice", "not a Discord user id"),
         ("IMAGINE_LOG_LEVEL", "LOUD", "DEBUG, INFO"),
         ("IMAGINE_CLIP_MODEL", " , ", "MODEL/PRETRAINED"),
+        ("IMAGINE_CLIP_MODEL", "garbage", "MODEL/PRETRAINED"),
+        ("IMAGINE_CLIP_MODEL", "ViT-B-32/openai,/openai", "MODEL/PRETRAINED"),
     ],
 )
 def test_invalid_value_names_variable(variable, value, expected):
