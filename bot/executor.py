@@ -316,6 +316,10 @@ class Executor:
     # -- dispatcher ---------------------------------------------------------------------
 
     async def _dispatch_forever(self) -> None:
+        try:
+            await self._redeliver()
+        except Exception:  # a failed redelivery must not keep the queue from running
+            log.exception("Posting the pictures of the last run failed")
         delay = 1.0
         while not self._stopping:
             try:
@@ -409,6 +413,24 @@ class Executor:
             if finished:
                 return
 
+    async def _redeliver(self) -> None:
+        """Post the pictures of jobs that finished just before the previous process died."""
+        for job in await self._store.undelivered():
+            if job.result_path is None:
+                await self._store.mark_delivered(job.id)
+                continue
+            try:
+                png = await asyncio.to_thread(Path(job.result_path).read_bytes)
+            except OSError as error:
+                log.error("Job %d: cannot read its picture to post it: %s", job.id, error)
+                await self._store.mark_delivered(job.id)
+                continue
+            log.warning("Job %d finished but its picture was not posted; posting it now", job.id)
+            started = job.started_at or job.finished_at or 0.0
+            duration = (job.finished_at or started) - started
+            await self._emit("job_finished", job, png, duration)
+            await self._store.mark_delivered(job.id)
+
     # -- worker messages ----------------------------------------------------------------
 
     async def _on_started(self, worker: _WorkerHandle, job: Job, message: dict[str, Any]) -> bool:
@@ -452,6 +474,7 @@ class Executor:
         if self._rate:
             await self._store.set_meta(RATE_META_KEY, self._rate)
         await self._emit("job_finished", done, message["png"], message["duration_s"])
+        await self._store.mark_delivered(job.id)
         return True
 
     async def _on_failed(self, worker: _WorkerHandle, job: Job, message: dict[str, Any]) -> bool:

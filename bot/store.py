@@ -19,6 +19,7 @@ and a job requeued after a crash or shutdown goes first.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import sqlite3
@@ -315,16 +316,47 @@ class JobStore:
     # -- state changes made by the executor --------------------------------------------------
 
     async def mark_done(self, job_id: int, result_path: str | None) -> Job | None:
-        """Mark a running job done; None if it is no longer running (e.g. cancelled)."""
+        """Mark a running job done; None if it is no longer running (e.g. cancelled).
+
+        The job counts as undelivered until :meth:`mark_delivered`.
+        """
         return await self._change_job(
             """
             UPDATE jobs SET state = 'done', finished_at = ?, result_path = ?,
-                            state_path = NULL
+                            state_path = NULL, delivered_at = NULL, done_message_id = message_id
             WHERE id = ? AND state = 'running'
             RETURNING *
             """,
             (self._clock(), result_path, job_id),
         )
+
+    async def mark_delivered(self, job_id: int) -> None:
+        """Record that a done job's picture was handed to the Discord layer."""
+        async with self._transaction() as db:
+            await db.execute_fetchall(
+                "UPDATE jobs SET delivered_at = ? WHERE id = ? AND state = 'done'",
+                (self._clock(), job_id),
+            )
+
+    async def undelivered(self) -> list[Job]:
+        """Return the done jobs whose picture a previous run did not post, oldest first.
+
+        A job whose message changed since it was marked done had its picture posted (the
+        post records the new message) and is marked delivered here instead of returned.
+        """
+        async with self._transaction() as db:
+            await db.execute_fetchall(
+                """
+                UPDATE jobs SET delivered_at = ?
+                WHERE state = 'done' AND delivered_at IS NULL
+                  AND message_id IS NOT done_message_id
+                """,
+                (self._clock(),),
+            )
+            rows = await db.execute_fetchall(
+                "SELECT * FROM jobs WHERE state = 'done' AND delivered_at IS NULL ORDER BY id"
+            )
+        return [_job_from_row(row) for row in rows]
 
     async def mark_failed(self, job_id: int, error: str) -> Job | None:
         """Mark a running job failed with a user-facing ``error``; None if not running."""
@@ -576,7 +608,11 @@ def _remove_file(path: str) -> None:
     Path(path).unlink(missing_ok=True)
 
 
+_JOB_FIELDS = frozenset(field.name for field in dataclasses.fields(Job))
+
+
 def _job_from_row(row: sqlite3.Row) -> Job:
-    values = dict(row)
+    # Bookkeeping columns such as delivered_at stay in the database.
+    values = {key: value for key, value in dict(row).items() if key in _JOB_FIELDS}
     values["request"] = json.loads(values["request"])
     return Job(**values)

@@ -8,9 +8,10 @@ executor starts a new one.
 
 Messages from the executor:
     ``{"type": "run", "job_id", "request", "state_path", "resume"}`` and ``{"type": "exit"}``.
-The worker also stops a job as for a shutdown (``stopped``) and exits when it gets SIGTERM
-or when the bot process is gone (its parent process id changed), so a bot killed with SIGKILL
-leaves no worker computing for nobody. SIGINT is ignored: the bot handles Ctrl+C for it.
+The worker stops its job as for a shutdown (``stopped``) and exits when it gets SIGTERM.
+When the bot process is gone, the worker's next message fails with a broken pipe and the
+worker exits, so a bot killed with SIGKILL leaves no worker running. SIGINT is ignored,
+because the bot handles Ctrl+C for it.
 
 Messages to the executor:
     - ``device`` (the resolved device) or ``fatal`` (no usable device; the worker exits);
@@ -27,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import signal
 import time
 from dataclasses import dataclass
@@ -144,21 +144,15 @@ class _Worker:
         self.job_filter = job_filter
         self.models: Models | None = None
         self.models_key: tuple[str, tuple[str, ...]] | None = None
-        self.parent_pid: int = os.getppid()
         self.job_running: bool = False
         self.terminate_requested: bool = False
 
     def should_stop(self) -> bool:
-        """Return whether the worker must stop its job as for a shutdown and exit.
+        """Return whether the executor set ``stop_event`` or SIGTERM arrived.
 
-        That is when the executor set ``stop_event``, SIGTERM arrived, or the bot process
-        died (the worker was re-parented).
+        Then the worker stops its job as for a shutdown and exits.
         """
-        return (
-            self.stop_event.is_set()
-            or self.terminate_requested
-            or os.getppid() != self.parent_pid
-        )
+        return self.stop_event.is_set() or self.terminate_requested
 
     def on_sigterm(self, signum: int, frame: object) -> None:
         """Exit at once when idle; stop the running job at its next iteration otherwise."""

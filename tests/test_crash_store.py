@@ -28,7 +28,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bot.store import JobStore
+from bot.store import JobStore, NewJob
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 KILLS = int(os.environ.get("IMAGINE_CRASH_KILLS", "40"))
@@ -199,3 +199,27 @@ def test_enqueue_survives_random_sigkills(tmp_path):
     assert completed.isdisjoint(drained)
     assert all(by_id[job_id][1] == "done" for job_id in completed)
     assert {state for _, state in by_id.values()} <= {"done", "failed"}
+
+
+async def test_undelivered_pictures_found_after_crash(tmp_path):
+    store = await JobStore.open(tmp_path / "imagine.sqlite3")
+    try:
+        limit = 10**6
+        posted, lost, delivered = [
+            (await store.enqueue(NewJob(1, 10, user, "p", {}), limit, limit))[0]
+            for user in (1, 2, 3)
+        ]
+        for job in (posted, lost, delivered):
+            await store.set_message(job.id, 10, 1000 + job.id)
+            await store.next_job()
+            await store.mark_done(job.id, f"/results/job-{job.id}.png")
+        # The picture of `posted` reached the channel (its message changed) before the crash,
+        # `lost` died before its post, and `delivered` went through normally.
+        await store.set_message(posted.id, 10, 5000)
+        await store.mark_delivered(delivered.id)
+
+        assert [job.id for job in await store.undelivered()] == [lost.id]
+        await store.mark_delivered(lost.id)
+        assert await store.undelivered() == []
+    finally:
+        await store.close()

@@ -89,10 +89,20 @@ def wait_for_saved_state(database: Path, sandbox: Sandbox) -> int:
 
 
 def process_exists(pid: int) -> bool:
+    """Return whether ``pid`` runs; a zombie (exited, not yet reaped) does not count."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
         return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def wait_until_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while process_exists(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
     return True
 
 
@@ -142,7 +152,27 @@ def test_signal_stops_bot_gracefully(tmp_path, signum, whole_group):
     assert saved_iteration >= saved
     assert Path(state_path).is_file()
 
-    deadline = time.monotonic() + 2
-    while process_exists(worker_pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not process_exists(worker_pid), f"the worker (pid {worker_pid}) outlived the bot"
+    assert wait_until_gone(worker_pid, 2.0), f"the worker (pid {worker_pid}) outlived the bot"
+
+
+def test_killed_bot_leaves_no_worker(tmp_path):
+    sandbox = start_sandbox(tmp_path)
+    try:
+        database = Path(sandbox.wait_for_log(DATA_DIR_RE)[1]) / "imagine.sqlite3"
+        worker_pid = int(sandbox.wait_for_log(WORKER_PID_RE)[1])
+        saved = wait_for_saved_state(database, sandbox)
+
+        sandbox.process.kill()  # SIGKILL to the bot process alone
+        sandbox.process.wait()
+        worker_exited = wait_until_gone(worker_pid, 5.0)
+    finally:
+        if process_exists(worker_pid):
+            os.kill(worker_pid, signal.SIGKILL)
+
+    # The worker exits at its next message to the bot, which fails with a broken pipe.
+    assert worker_exited, f"the worker (pid {worker_pid}) kept running without the bot"
+    state, saved_iteration, _, attempts, state_path = read_job(database)
+    assert state == "running"  # as the crash left it: the next start requeues it
+    assert attempts == 0
+    assert saved_iteration >= saved
+    assert Path(state_path).is_file()
