@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
+import struct
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -85,10 +87,56 @@ def _stand_in(full_name: str) -> type[InertObject]:
 _STAND_INS: dict[str, type[InertObject]] = {name: _stand_in(name) for name in STAND_IN_GLOBALS}
 
 
-def _corrupt(path: Path, error: BaseException) -> ModelError:
+# Exceptions that torch.load (torch 2.x) raises for bytes that are not a checkpoint.
+# Plain text makes the unpickler read an empty stack or memo (IndexError,
+# KeyError). An HTML page hits an opcode that weights_only rejects
+# (UnpicklingError). An empty or cut file ends early (EOFError), and a damaged
+# zip fails in torch's zip reader (RuntimeError).
+UNREADABLE_ERRORS = (
+    pickle.UnpicklingError,
+    RuntimeError,
+    EOFError,
+    ValueError,
+    KeyError,
+    IndexError,
+    TypeError,
+    AttributeError,
+    OverflowError,
+    struct.error,
+    zipfile.BadZipFile,
+    OSError,
+)
+
+# Pattern of a global that weights_only rejects, in torch's text: "GLOBAL module.name".
+_REJECTED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def _describe_content(path: Path) -> str:
+    """Say what an unreadable file contains, judged from its first bytes."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(512)
+    except OSError:
+        return "it cannot be opened"
+    if not head:
+        return "the file is empty"
+    if head.lstrip()[:1] == b"<":
+        return (
+            "it contains an HTML or XML page (often an error page saved by a failed "
+            "download), not model weights"
+        )
+    if all(32 <= byte < 127 or byte in b"\t\r\n" for byte in head):
+        return "it contains text, not model weights"
+    return "it is corrupt, incomplete or another kind of file"
+
+
+def _unreadable(path: Path, error: BaseException) -> ModelError:
+    """Build the error for a file that is not a readable checkpoint; log torch's own text."""
+    logger.debug("Reading %s failed", path, exc_info=error)
+    size = path.stat().st_size if path.is_file() else 0
     return ModelError(
-        f"Cannot read model file {path}: it looks corrupt or incomplete ({error}). "
-        "Delete it and download it again."
+        f"{path} is not a valid model checkpoint ({size} bytes): {_describe_content(path)}. "
+        "If it was downloaded, delete it and download it again; otherwise check the path."
     )
 
 
@@ -96,10 +144,8 @@ def find_unsafe_globals(path: Path) -> list[str]:
     """List the names pickled in a torch.save zip file that torch will not load by default."""
     try:
         return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
-    except (
-        RuntimeError, ValueError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError,
-    ) as error:
-        raise _corrupt(path, error) from error
+    except UNREADABLE_ERRORS as error:
+        raise _unreadable(path, error) from error
 
 
 def _reject_unknown(path: Path, names: Iterable[str]) -> None:
@@ -116,8 +162,10 @@ def _reject_unknown(path: Path, names: Iterable[str]) -> None:
 def load_torch_file(path: Path) -> Any:
     """Unpickle a torch.save file with weights_only=True and stand-ins for known extras.
 
-    Raises ModelError when the file is missing, corrupt or truncated, or names a
-    Python global outside STAND_IN_GLOBALS.
+    Raises ModelError when the file is missing, is not a readable checkpoint
+    (text, an HTML page, a truncated or corrupt file), or names a Python global
+    outside STAND_IN_GLOBALS. The message never contains torch's own advice;
+    torch's text is logged at DEBUG.
     """
     if zipfile.is_zipfile(path):
         _reject_unknown(path, find_unsafe_globals(path))
@@ -126,16 +174,15 @@ def load_torch_file(path: Path) -> Any:
     try:
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        # Legacy (non-zip) files are only checked while unpickling.
-        if "global" in str(error).lower():
-            raise ModelError(
-                f"Refusing to load {path}: it contains Python objects other than weights, "
-                f"and loading them could run code ({error})."
-            ) from error
-        raise _corrupt(path, error) from error
-    except (RuntimeError, EOFError, ValueError, OSError) as error:
-        raise _corrupt(path, error) from error
+    except UNREADABLE_ERRORS as error:
+        # Legacy (non-zip) files are only checked while unpickling. torch's text
+        # suggests weights_only=False, which must never reach users, so only the
+        # rejected name is kept.
+        rejected = _REJECTED_GLOBAL.search(str(error))
+        if isinstance(error, pickle.UnpicklingError) and rejected:
+            logger.debug("Reading %s failed", path, exc_info=error)
+            _reject_unknown(path, [rejected.group(1)])
+        raise _unreadable(path, error) from error
 
 
 def extract_state_dict(loaded: Any, path: Path) -> dict[str, Tensor]:
@@ -167,6 +214,6 @@ def load_state_dict(path: Path) -> dict[str, Tensor]:
         try:
             return load_safetensors(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as error:
-            raise _corrupt(path, error) from error
+            raise _unreadable(path, error) from error
 
     return extract_state_dict(load_torch_file(path), path)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import sys
 import types
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -219,18 +221,79 @@ def test_unexpected_global_rejected(tiny: Path, tmp_path: Path, zip_format: bool
 
     assert str(tiny) in str(raised.value)
     assert not marker.exists()
+    assert "weights_only" not in str(raised.value)
     if zip_format:
         assert "posix.system" in str(raised.value)
         assert "io.open" in str(raised.value)
+    else:
+        assert "posix.system" in str(raised.value)
 
 
 def test_truncated_checkpoint(tiny: Path) -> None:
     data = tiny.read_bytes()
     tiny.write_bytes(data[: len(data) // 2])
 
-    with pytest.raises(ModelError, match="corrupt or incomplete") as raised:
+    with pytest.raises(ModelError, match="not a valid model checkpoint") as raised:
         load_vqgan(str(tiny))
     assert str(tiny) in str(raised.value)
+    assert "miniz" not in str(raised.value)
+
+
+def _zip_of_text() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("notes.txt", "no tensors here")
+    return buffer.getvalue()
+
+
+NOT_CHECKPOINTS = {
+    "text": (b"hello, this is text", "contains text"),
+    "sentence": (b"this is not a checkpoint", "contains text"),
+    "empty": (b"", "empty"),
+    "html": (b"<!DOCTYPE html><html><body>404 Not Found</body></html>", "HTML"),
+    "json": (b'{"error": "Repository not found"}', "contains text"),
+    "binary": (bytes(range(256)) * 8, "corrupt, incomplete or another kind of file"),
+    "pickle protocol only": (b"\x80\x02", "corrupt, incomplete"),
+    "zip of text": (_zip_of_text(), "corrupt, incomplete"),
+}
+
+# Phrases of torch's own error text that must not reach users.
+TORCH_PHRASES = ("weights_only", "torch.load", "miniz", "arbitrary code", "()")
+
+
+@pytest.mark.parametrize("content", list(NOT_CHECKPOINTS), ids=list(NOT_CHECKPOINTS))
+def test_not_a_checkpoint_message(
+    tiny: Path, content: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    data, cause = NOT_CHECKPOINTS[content]
+    tiny.write_bytes(data)
+
+    with (
+        caplog.at_level("DEBUG", logger="generator.checkpoint"),
+        pytest.raises(ModelError) as raised,
+    ):
+        load_vqgan(str(tiny))
+
+    message = str(raised.value)
+    assert "\n" not in message
+    assert message.startswith(f"{tiny} is not a valid model checkpoint ({len(data)} bytes)")
+    assert cause in message
+    assert "delete it and download it again" in message
+    assert "check the path" in message
+    for phrase in TORCH_PHRASES:
+        assert phrase not in message, phrase
+    assert "Reading" in caplog.text
+
+
+@pytest.mark.parametrize("keep", [0.1, 0.5, 0.99])
+def test_cut_checkpoint_message(tiny: Path, keep: float) -> None:
+    data = tiny.read_bytes()
+    tiny.write_bytes(data[: int(len(data) * keep)])
+
+    with pytest.raises(ModelError, match="corrupt, incomplete or another kind") as raised:
+        load_vqgan(str(tiny))
+    for phrase in TORCH_PHRASES:
+        assert phrase not in str(raised.value), phrase
 
 
 def test_truncated_safetensors(tiny: Path, tmp_path: Path) -> None:
@@ -239,7 +302,7 @@ def test_truncated_safetensors(tiny: Path, tmp_path: Path) -> None:
     weights.write_bytes(weights.read_bytes()[:5000])
     shutil.copy(tiny.with_suffix(".yaml"), tmp_path / "tensors.yaml")
 
-    with pytest.raises(ModelError, match="corrupt or incomplete"):
+    with pytest.raises(ModelError, match="not a valid model checkpoint"):
         load_vqgan(str(weights))
 
 
