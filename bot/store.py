@@ -343,6 +343,9 @@ class JobStore:
 
         A job whose message changed since it was marked done had its picture posted (the
         post records the new message) and is marked delivered here instead of returned.
+
+        NOTE: a crash after Discord accepted the picture but before the new message id was
+        committed (milliseconds) makes the picture count as not posted, so it is posted twice.
         """
         async with self._transaction() as db:
             await db.execute_fetchall(
