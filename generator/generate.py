@@ -132,7 +132,8 @@ def generate(
             request. The run continues from that iteration, and on the CPU the
             result is byte-identical to an uninterrupted run.
         on_state: called every ``request.progress_every`` iterations (not after
-            the last) with a dict that ``save_state`` can store.
+            the last), and once more when ``cancel`` stops the run between two
+            of those, with a dict that ``save_state`` can store.
         threads: CPU threads for torch. Defaults to the cores this process may
             use; the previous setting is restored afterwards.
         models_dir: where models are looked up when ``models`` is None.
@@ -309,9 +310,14 @@ class _Run:
         final: Image.Image | None = None
         started = time.perf_counter()
         first = self.iteration
+        saved = self.iteration
 
         while self.iteration < total:
             if cancel is not None and cancel.is_set():
+                # Hand over the work done since the last periodic state, so that a job
+                # stopped for a shutdown resumes where it stopped.
+                if on_state is not None and self.iteration != saved:
+                    on_state(self.state())
                 raise GenerationCancelled(self.iteration)
             losses = self._step()
             self.iteration += 1
@@ -324,6 +330,7 @@ class _Run:
                 progress(Progress(self.iteration, total, losses, image))
             if on_state is not None and every > 0 and self.iteration % every == 0 and not done:
                 on_state(self.state())
+                saved = self.iteration
 
         elapsed = time.perf_counter() - started
         logger.info(

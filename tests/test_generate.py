@@ -292,6 +292,42 @@ def test_resume_matches_uninterrupted(models: Models, request_for: Any, tmp_path
     assert png(resumed) == uninterrupted
 
 
+def test_cancel_hands_over_latest_state(
+    models: Models, request_for: Any, tmp_path: Path
+) -> None:
+    request = request_for(iterations=6, progress_every=2)
+    uninterrupted = png(generate(request, models=models, threads=1))
+
+    cancel = threading.Event()
+    path = tmp_path / "job.state"
+    states: list[int] = []
+
+    def keep_state(state: dict[str, Any]) -> None:
+        states.append(state["iteration"])
+        save_state(state, path)
+
+    def stop_after_three(p: Progress) -> None:
+        if p.iteration == 3:
+            cancel.set()
+
+    with pytest.raises(GenerationCancelled):
+        generate(
+            request, stop_after_three, cancel, models=models, on_state=keep_state, threads=1
+        )
+    assert states == [2, 3]
+
+    resumed_iterations: list[int] = []
+    resumed = generate(
+        request,
+        lambda p: resumed_iterations.append(p.iteration),
+        models=models,
+        resume=load_state(path),
+        threads=1,
+    )
+    assert resumed_iterations == [4, 5, 6]
+    assert png(resumed) == uninterrupted
+
+
 def test_on_state_not_after_last(models: Models, request_for: Any) -> None:
     iterations: list[int] = []
     request = request_for(iterations=4, progress_every=2)
