@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import PurePath
@@ -66,8 +65,6 @@ FINAL_POST_BACKOFF = 2.0
 # The maximum rate limit, in seconds, that a finished picture waits out before it goes to
 # its requester instead.
 MAX_FINAL_RETRY_AFTER = 60.0
-# Interaction tokens live 15 minutes; a followup is tried only within this many seconds.
-FOLLOWUP_WINDOW = 14 * 60.0
 PROMPT_DISPLAY_LIMIT = 300
 
 UNKNOWN_MESSAGE = 10008
@@ -276,8 +273,9 @@ class Presenter:
         self._channel_throttlers: dict[int, Throttler] = {}
         # Job id -> last iteration reported, for estimates of the time left.
         self.iterations_done: dict[int, int] = {}
-        # Job id -> (the /imagine followup webhook, monotonic time it stops being tried).
-        self._followups: dict[int, tuple[discord.Webhook, float]] = {}
+        # Job id -> the followup webhook of the /imagine that queued it. Its token expires
+        # after 15 minutes, and then Discord rejects the followup and a DM is sent instead.
+        self._followups: dict[int, discord.Webhook] = {}
         self.final_post_backoff: float = FINAL_POST_BACKOFF
 
     def remember_interaction(self, job_id: int, interaction: discord.Interaction[Any]) -> None:
@@ -286,7 +284,7 @@ class Presenter:
         Used only when the channel rejects the job's messages. It is kept in memory only, so
         after a restart the requester is reached by direct message.
         """
-        self._followups[job_id] = (interaction.followup, time.monotonic() + FOLLOWUP_WINDOW)
+        self._followups[job_id] = interaction.followup
 
     def cannot_post_text(self, job: Job) -> str:
         """Tell the requester that the job's channel message could not be posted, and why."""
@@ -617,7 +615,7 @@ class Presenter:
     async def _send_to_requester(
         self, job: Job, text: str, attachment: tuple[bytes, str] | None = None
     ) -> bool:
-        """Reach the requester privately: their /imagine followup if still valid, else a DM.
+        """Reach the requester privately: their /imagine followup, else a direct message.
 
         ``attachment`` is ``(data, filename)``. Returns whether either was delivered; each
         failure is logged.
@@ -628,8 +626,8 @@ class Presenter:
                 return discord.utils.MISSING
             return discord.File(io.BytesIO(attachment[0]), attachment[1])
 
-        followup, until = self._followups.get(job.id, (None, 0.0))
-        if followup is not None and time.monotonic() < until:
+        followup = self._followups.get(job.id)
+        if followup is not None:
             try:
                 await followup.send(
                     text,
