@@ -259,7 +259,7 @@ CASES = [
          stored="a cat with lines"),
     Case("emoji with joiners", {"prompt": "a family \U0001f468\u200d\U0001f469\u200d\U0001f467"},
          outcome="queued", stored="a family \U0001f468\u200d\U0001f469\u200d\U0001f467"),
-    # Markdown and mention injection: queued, shown escaped, pinging nobody but the requester.
+    # Markdown and mention injection: queued, shown escaped, pinging no one but the requester.
     Case("@everyone", {"prompt": "@everyone a cat"}, outcome="queued", stored="@everyone a cat"),
     Case("@here", {"prompt": "@here a cat"}, outcome="queued", stored="@here a cat"),
     Case("role mention", {"prompt": "<@&ROLE> a cat"}, outcome="queued", stored="<@&ROLE> a cat"),

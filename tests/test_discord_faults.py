@@ -410,7 +410,7 @@ def rate_limit_final_post(world: World, monkeypatch, retry_after: float, times: 
     """Make discord.py raise RateLimited for the next ``times`` picture uploads.
 
     discord.py waits out 429s of up to ``max_ratelimit_timeout`` (30 s) itself and raises
-    RateLimited for longer ones; simcord never answers 429, so this raises it at the client.
+    RateLimited for longer ones; simcord never returns 429, so this raises it at the client.
     """
     original = world.bot.http.request
     raised: list[float] = []
