@@ -468,7 +468,7 @@ async def check_case(world: World, case: Case, member, options: dict[str, Any]) 
     assert count_jobs(world) == jobs_before
 
 
-def test_table_size():
+async def test_table_size():
     assert len(CASES) >= 60
     assert {case.outcome for case in plain_cases()} == {"rejected", "refused", "queued"}
 
@@ -503,7 +503,7 @@ async def test_config_value_with_sql_is_text(world, blocker):
     assert count_jobs(world) > 0
 
 
-def test_generator_rejects_bomb(tmp_path):
+async def test_generator_rejects_bomb(tmp_path):
     from generator.generate import _load_rgb
 
     bomb = tmp_path / "bomb.png"
