@@ -147,3 +147,27 @@ def test_negatives_property():
     options = parse_imagine("a cat --no fog", LIMITS, negative="rain")
 
     assert options.negatives == (Prompt("fog", -1.0), Prompt("rain", -1.0))
+
+
+def test_token_estimate_never_exceeds_clip():
+    import random
+
+    from bot.options import estimate_min_tokens
+    from generator.prompts import count_tokens
+
+    texts = [
+        "a lighthouse at dusk", "it's a cat's hat", "x!'s", "Ã© mojibake", "a² ½ ⅷ",
+        "snake_case__x", "&amp; &lt;b&gt;", "日本語のテキスト", "🐱 emoji 👨\u200d👩\u200d👧",
+        "l'été à Paris", "ДОБРО пожаловать", "123456 7.5e10", "a\u0301b", "@everyone <@&123>",
+        "'; DROP TABLE jobs; --", "a " * 100, "lighthouse " * 80,
+    ]
+    generator = random.Random(1)
+    alphabet = "abcXYZ éüß日本'\"!?.,;:-_0123456789²½ \t🐱&;<>#@"
+    texts += [
+        "".join(generator.choice(alphabet) for _ in range(generator.randint(1, 120)))
+        for _ in range(300)
+    ]
+
+    for text in texts:
+        assert estimate_min_tokens(text) <= count_tokens(text), text
+    assert estimate_min_tokens("lighthouse " * 76) == count_tokens("lighthouse " * 76) == 78
