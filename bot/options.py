@@ -168,7 +168,8 @@ def estimate_min_tokens(text: str) -> int:
     piece is at least one token. Needs no torch, so the bot can refuse long prompts before
     queueing them. The generator counts exactly when the job starts.
     """
-    plain = html.unescape(html.unescape(text)).lower()
+    # CLIP's text cleaning unescapes HTML twice and composes accents (NFC) before splitting.
+    plain = unicodedata.normalize("NFC", html.unescape(html.unescape(text))).lower()
     return len(_CLIP_PIECE_RE.findall(plain)) + 2
 
 
