@@ -7,13 +7,13 @@ import logging
 import math
 import random
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from generator.errors import ModelError
 from generator.prompts import PromptError, check_prompt_length, parse_prompts
-from generator.registry import MODELS_DIR_VARIABLE, default_models_dir
+from generator.registry import MODELS_DIR_VARIABLE
 from generator.request import GenerationRequest, RequestError, canonical_optimizer
 
 if TYPE_CHECKING:
@@ -36,10 +36,50 @@ Download the default models first with: python -m generator download [NAME ...]
 """
 
 
+class CommandParser(argparse.ArgumentParser):
+    """An ArgumentParser that reports a usage error in one line plus a pointer to --help.
+
+    The exit status of a usage error stays 2, as with argparse.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``error: MESSAGE`` and a --help hint to stderr, then exit with status 2."""
+        message = message.removeprefix("argument ")
+        self.exit(EXIT_USAGE, f"error: {message}\nRun '{self.prog} --help' to see the options.\n")
+
+
+def whole_number(example: str) -> Callable[[str], int]:
+    """Return an argparse type that parses an int and names `example` when it cannot."""
+
+    def parse(text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"'{text}' is not a whole number; use e.g. {example}"
+            ) from None
+
+    return parse
+
+
+def decimal_number(example: str) -> Callable[[str], float]:
+    """Return an argparse type that parses a float and names `example` when it cannot."""
+
+    def parse(text: str) -> float:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"'{text}' is not a number; use e.g. {example}"
+            ) from None
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the parser of the generate command."""
     defaults = GenerationRequest(prompts=[], seed=0)
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m generator",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -68,13 +108,13 @@ def _add_picture_arguments(group: argparse._ArgumentGroup, defaults: GenerationR
     )
     group.add_argument(
         "--seed",
-        type=int,
+        type=whole_number("--seed 42"),
         default=None,
         help="random seed; the same seed and settings repeat a picture (default: random)",
     )
     group.add_argument(
         "--size",
-        type=int,
+        type=whole_number(f"--size {defaults.width} {defaults.height}"),
         nargs=2,
         metavar=("WIDTH", "HEIGHT"),
         default=(defaults.width, defaults.height),
@@ -96,7 +136,7 @@ def _add_picture_arguments(group: argparse._ArgumentGroup, defaults: GenerationR
     )
     group.add_argument(
         "--save-every",
-        type=int,
+        type=whole_number("--save-every 50"),
         default=0,
         metavar="N",
         help="also write OUTPUT-NNNN.png every N iterations (default: off)",
@@ -109,24 +149,27 @@ def _add_optimisation_arguments(
 ) -> None:
     group.add_argument(
         "--iterations",
-        type=int,
+        type=whole_number(f"--iterations {defaults.iterations}"),
         default=defaults.iterations,
         help="optimisation steps (default: %(default)s)",
     )
     group.add_argument(
         "--cutn",
-        type=int,
+        type=whole_number(f"--cutn {defaults.cutn}"),
         default=defaults.cutn,
         help="random crops judged by CLIP per step (default: %(default)s)",
     )
     group.add_argument(
         "--cut-pow",
-        type=float,
+        type=decimal_number(f"--cut-pow {defaults.cut_pow}"),
         default=defaults.cut_pow,
         help="crop size exponent; higher favours small crops (default: %(default)s)",
     )
     group.add_argument(
-        "--lr", type=float, default=defaults.lr, help="learning rate (default: %(default)s)"
+        "--lr",
+        type=decimal_number(f"--lr {defaults.lr}"),
+        default=defaults.lr,
+        help="learning rate (default: %(default)s)",
     )
     group.add_argument(
         "--optimizer",
@@ -154,7 +197,7 @@ def _add_model_arguments(group: argparse._ArgumentGroup, defaults: GenerationReq
     )
     group.add_argument(
         "--threads",
-        type=int,
+        type=whole_number("--threads 2"),
         default=None,
         help="CPU threads (default: the cores this process may use)",
     )
@@ -170,7 +213,7 @@ def _add_model_arguments(group: argparse._ArgumentGroup, defaults: GenerationReq
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line and return the exit status."""
     arguments = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    configure_logging()
     if arguments[:1] == ["download"]:
         return _download(arguments[1:])
 
@@ -182,6 +225,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def configure_logging(level: int = logging.WARNING) -> None:
+    """Print log records of `level` and above to stderr as ``LEVEL: message``, once each.
+
+    huggingface_hub attaches its own stderr handler to its logger and still
+    passes records on to the root logger, so each of its warnings (download
+    retries, for example) would print twice. That handler is removed here, and
+    the records reach the root handler alone.
+    """
+    logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
+    try:
+        # Importing it attaches the handler; afterwards it is never attached again.
+        import huggingface_hub.utils.logging  # noqa: F401
+    except ImportError:
+        return
+    hub_logger = logging.getLogger("huggingface_hub")
+    for handler in list(hub_logger.handlers):
+        hub_logger.removeHandler(handler)
 
 
 def build_request(options: argparse.Namespace) -> GenerationRequest:
@@ -249,8 +311,9 @@ def _generate(options: argparse.Namespace) -> int:
     from generator.models import load_models
     from generator.png import generation_metadata, save_png
 
-    models_dir = options.models_dir or default_models_dir()
-    models = load_models(request.vqgan, request.clip, options.device, models_dir=models_dir)
+    # None unless --models-dir is given: load_models then uses $IMAGINE_MODELS_DIR or
+    # ./data/models for downloads, and caches no VQGAN given by path outside a chosen folder.
+    models = load_models(request.vqgan, request.clip, options.device, models_dir=options.models_dir)
     bar = _ProgressBar(request, output, disable=options.quiet)
     try:
         image = generate(request, bar.update, models=models, threads=options.threads)
@@ -312,8 +375,9 @@ def _download(arguments: list[str]) -> int:
 
 
 def _fail(error: Exception) -> int:
-    message = " ".join(str(error).split())
-    print(f"error: {message}", file=sys.stderr)
+    """Print an error to stderr as ``error: MESSAGE``, keeping the message's line breaks."""
+    lines = [line.rstrip() for line in str(error).strip().splitlines()] or [type(error).__name__]
+    print("error: " + "\n".join(lines), file=sys.stderr)
     return EXIT_USAGE
 
 

@@ -1,9 +1,10 @@
 """Find, load and hold the models a generation needs: one VQGAN and one or more CLIPs.
 
 ``load_vqgan`` takes a registry name (downloaded into models_dir when missing) or
-the path of a taming checkpoint with its YAML config beside it. ``load_clip``
-takes ``MODEL/PRETRAINED`` specs. Every failure raises ModelError with a message
-that names the file or model and the next step to take.
+the path of a taming checkpoint with its YAML config beside it.
+``find_and_load_clip`` takes ``MODEL/PRETRAINED`` specs and looks for a copy of
+tagged weights before it downloads them. Every failure raises ModelError with
+a message that names the file or model and the next step to take.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -27,8 +28,11 @@ from generator import registry
 from generator.checkpoint import load_state_dict
 from generator.clip import Clip, load_clip
 from generator.errors import ModelError
-from generator.registry import default_models_dir
+from generator.registry import configured_models_dir, default_models_dir
 from generator.vqgan import VQGAN, VQGANConfig
+
+if TYPE_CHECKING:
+    from generator.download import ClipSource
 
 __all__ = [
     "VQGAN",
@@ -37,6 +41,7 @@ __all__ = [
     "Models",
     "VQGANFiles",
     "default_models_dir",
+    "find_and_load_clip",
     "load_clip",
     "load_models",
     "load_vqgan",
@@ -191,8 +196,9 @@ def load_vqgan_weights(files: VQGANFiles, models_dir: Path | None) -> dict[str, 
     """Return the encoder, decoder and quantiser tensors of a checkpoint.
 
     With a models_dir, the first load of a torch checkpoint also writes a
-    safetensors copy under ``models_dir/cache``, keyed by the source's size and
-    modification time, and later loads read that copy instead.
+    safetensors copy of the decoding weights under ``models_dir/cache``, keyed
+    by the source's size and modification time, and later loads read that copy
+    instead. Without one, nothing is written.
     """
     cache = None
     if models_dir is not None and files.checkpoint.suffix != ".safetensors":
@@ -250,8 +256,12 @@ def load_vqgan(
             with its YAML config beside it under the same stem.
         device: where to put the model.
         models_dir: where registered models are stored, downloaded and cached;
-            ``default_models_dir()`` when None. For a path, also the place of the
-            safetensors cache (no cache when None).
+            ``default_models_dir()`` when None. For a checkpoint given by path,
+            the safetensors cache goes to ``models_dir/cache`` only when a
+            models directory was chosen: this argument, or $IMAGINE_MODELS_DIR
+            when it is None. With neither, nothing is written and each load
+            reads the checkpoint itself (seconds for a 1 GB ``.ckpt``), so that
+            loading a model by path never writes into the current directory.
         download: fetch a registered model that is not in models_dir yet.
 
     Returns:
@@ -268,10 +278,12 @@ def load_vqgan(
         from generator.download import verify_model_files
 
         verify_model_files(files.entry, files.checkpoint.parent)
-        models_dir = files.checkpoint.parent
+        cache_root = files.checkpoint.parent
+    else:
+        cache_root = models_dir if models_dir is not None else configured_models_dir()
 
     config = read_vqgan_config(files.config)
-    state = load_vqgan_weights(files, models_dir)
+    state = load_vqgan_weights(files, cache_root)
 
     # Built on the meta device so no time goes into random initialisation; the
     # checkpoint's tensors are then assigned in place.
@@ -285,6 +297,88 @@ def load_vqgan(
         time.perf_counter() - started,
     )
     return model
+
+
+def find_and_load_clip(
+    spec: str, device: str | torch.device = "cpu", models_dir: Path | None = None
+) -> Clip:
+    """Load a CLIP, downloading tagged weights only when no copy of them is found.
+
+    For ``MODEL/TAG`` specs, a copy placed by hand at
+    ``models_dir/clip/MODEL/TAG.safetensors`` (or ``TAG.bin``) wins, then a
+    copy in the Hub cache in models_dir; either loads without any network
+    request. Otherwise one HEAD request checks that the Hub responds before
+    open_clip downloads into models_dir, so an offline machine fails at once.
+    Other specs (paths, ``random``) go to load_clip unchanged. models_dir None
+    means ``default_models_dir()``.
+
+    Raises:
+        ModelError: as load_clip does; for a failed download, with the URLs and
+            the path for a copy placed by hand.
+    """
+    from generator import download
+
+    directory = Path(models_dir) if models_dir is not None else default_models_dir()
+    source = download.clip_source(spec, directory)
+    if source is None:
+        return load_clip(spec, device, directory)
+
+    # Loading a local copy directly keeps the Hub client from sending its
+    # freshness check, which can hang on a network that drops packets.
+    local = download.manual_clip_file(source) or download.cached_clip_file(source)
+    if local is not None:
+        return _load_local_clip(source, local, device)
+
+    download.check_clip_download(source)
+    try:
+        return load_clip(spec, device, directory)
+    except ModelError as error:
+        logger.info("Downloading CLIP %s failed: %s", spec, error)
+        cause = error.__cause__ or error
+        reason = str(cause).strip().splitlines()[0][:300] if str(cause).strip() else repr(cause)
+        raise download.clip_download_error(source, f"the download failed ({reason})") from error
+
+
+def _load_local_clip(source: ClipSource, path: Path, device: str | torch.device) -> Clip:
+    """Load a local copy of a tag's weights with the architecture and preprocessing of the tag."""
+    import open_clip
+
+    config = open_clip.get_pretrained_cfg(source.model, source.tag)
+    architecture = source.model
+    # OpenAI's weights need QuickGELU, which open_clip's "-quickgelu" configs turn on.
+    if config.get("quick_gelu") and not architecture.endswith("-quickgelu"):
+        architecture += "-quickgelu"
+
+    clip = load_clip(f"{architecture}/{path.resolve()}", device)
+    clip.name = source.spec
+    if config.get("mean") and config.get("std"):
+        clip.mean = tuple(float(value) for value in config["mean"])
+        clip.std = tuple(float(value) for value in config["std"])
+    logger.info("Loaded CLIP %s from %s", source.spec, path)
+    return clip
+
+
+def missing_clip_note(specs: Sequence[str], models_dir: Path | None) -> str:
+    """Describe the tagged CLIPs whose weights are neither placed by hand nor downloaded.
+
+    Returns "" when every CLIP is available offline.
+    """
+    from generator import download
+
+    lines = []
+    for spec in specs:
+        try:
+            source = download.clip_source(spec, models_dir)
+        except ModelError:
+            continue
+        if source is None or download.manual_clip_file(source) or download.cached_clip_file(source):
+            continue
+        manual_path = source.manual_paths[0].resolve()
+        lines.append(
+            f"CLIP {spec} is not downloaded yet either: the first run downloads it from "
+            f"{source.urls[0]}; without network access, save that file as {manual_path}."
+        )
+    return "\n".join(lines)
 
 
 @dataclass
@@ -304,16 +398,31 @@ def load_models(
 ) -> Models:
     """Load a VQGAN and an ensemble of CLIPs onto one device.
 
-    `clip_specs` is one ``MODEL/PRETRAINED`` spec or a sequence of them. Raises
-    ModelError as load_vqgan and load_clip do, and when no CLIP is given.
+    `clip_specs` is one ``MODEL/PRETRAINED`` spec or a sequence of them, loaded
+    with find_and_load_clip. models_dir None means ``default_models_dir()`` for
+    downloads, and no safetensors cache for a VQGAN given by path unless
+    $IMAGINE_MODELS_DIR is set (see load_vqgan).
+
+    Raises:
+        ModelError: as load_vqgan and find_and_load_clip do, and when no CLIP is
+            given. When the VQGAN fails, the message also names the tagged CLIPs
+            that still need a download.
     """
     specs = [clip_specs] if isinstance(clip_specs, str) else list(clip_specs)
     if not specs:
         raise ModelError("No CLIP model given: name at least one, for example 'ViT-B-32/openai'.")
 
     resolved = resolve_device(device)
+    try:
+        vqgan_model = load_vqgan(vqgan, resolved, models_dir)
+    except ModelError as error:
+        note = missing_clip_note(specs, models_dir)
+        if not note:
+            raise
+        raise ModelError(f"{error}\n{note}") from error
+
     return Models(
-        vqgan=load_vqgan(vqgan, resolved, models_dir),
-        clips=[load_clip(spec, resolved, models_dir) for spec in specs],
+        vqgan=vqgan_model,
+        clips=[find_and_load_clip(spec, resolved, models_dir) for spec in specs],
         device=resolved,
     )

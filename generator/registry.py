@@ -34,7 +34,13 @@ _SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 
 def default_models_dir() -> Path:
     """Return $IMAGINE_MODELS_DIR, or ``data/models`` under the current directory."""
-    return Path(os.environ.get(MODELS_DIR_VARIABLE, "data/models")).expanduser()
+    return configured_models_dir() or Path("data/models")
+
+
+def configured_models_dir() -> Path | None:
+    """Return $IMAGINE_MODELS_DIR when it is set and not empty, else None."""
+    value = os.environ.get(MODELS_DIR_VARIABLE, "")
+    return Path(value).expanduser() if value else None
 
 
 @dataclass(frozen=True)

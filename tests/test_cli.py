@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from huggingface_hub import constants as hub_constants
 from PIL import Image
 
 from generator.cli import build_parser, build_request, main, parse_image_prompt
@@ -183,3 +186,141 @@ def test_image_prompt_weight_errors() -> None:
     assert parse_image_prompt("ref.png:-1") == ("ref.png", -1.0)
     with pytest.raises(RequestError, match="non-zero"):
         parse_image_prompt("ref.png:0")
+
+
+HELP_HINT = "Run 'python -m generator --help' to see the options."
+
+USAGE_ERRORS = [
+    (["a cat", "--seed", "abc"], "error: --seed: 'abc' is not a whole number; use e.g. --seed 42"),
+    (["a cat", "--lr", "fast"], "error: --lr: 'fast' is not a number; use e.g. --lr 0.1"),
+    (
+        ["a cat", "--size", "256", "wide"],
+        "error: --size: 'wide' is not a whole number; use e.g. --size 256 256",
+    ),
+    (["a cat", "--size", "256"], "error: --size: expected 2 arguments"),
+    (["a cat", "--colour", "red"], "error: unrecognized arguments: --colour red"),
+]
+
+
+@pytest.mark.parametrize(("arguments", "expected"), USAGE_ERRORS)
+def test_cli_usage_error_one_line(
+    arguments: list[str], expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as raised:
+        main(arguments)
+
+    assert raised.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [expected, HELP_HINT]
+
+
+def test_download_usage_error_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as raised:
+        main(["download", "--fast"])
+
+    assert raised.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: unrecognized arguments: --fast",
+        "Run 'python -m generator download --help' to see the options.",
+    ]
+
+
+@pytest.fixture
+def offline_hub(monkeypatch: pytest.MonkeyPatch) -> str:
+    """Point the Hugging Face Hub client at a loopback port nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.setattr(hub_constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(
+        hub_constants,
+        "HUGGINGFACE_CO_URL_TEMPLATE",
+        endpoint + "/{repo_id}/resolve/{revision}/{filename}",
+    )
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    return endpoint
+
+
+def test_cli_offline_clip_error_keeps_lines(
+    tiny_models: TinyModels,
+    tmp_path: Path,
+    offline_hub: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    arguments = tiny_arguments(tiny_models)
+    arguments[arguments.index("--clip") + 1] = "ViT-B-32/openai"
+
+    started = time.perf_counter()
+    status = main(
+        ["a lighthouse", "-o", str(tmp_path / "out.png"), "--models-dir", str(tmp_path), *arguments]
+    )
+    elapsed = time.perf_counter() - started
+
+    lines = capsys.readouterr().err.splitlines()
+    manual = (tmp_path / "clip" / "ViT-B-32" / "openai.safetensors").resolve()
+    assert status == 2
+    assert elapsed < 20
+    assert lines[0].startswith("error: Could not download CLIP ViT-B-32/openai: cannot connect")
+    assert "install the weights by hand" in lines[0]
+    assert f"  {manual}" in lines
+    assert any(line.endswith("/open_clip_model.safetensors") for line in lines)
+    assert not any(line.startswith("WARNING") for line in lines)
+
+
+@pytest.mark.parametrize("hub_first", [False, True], ids=["hub-later", "hub-first"])
+def test_library_warning_printed_once(hub_first: bool) -> None:
+    script = "\n".join(
+        [
+            "import logging",
+            "import huggingface_hub" if hub_first else "",
+            "from generator.cli import configure_logging",
+            "configure_logging()",
+            "from huggingface_hub.utils import logging as hub_logging",
+            "hub_logging.get_logger('huggingface_hub.utils._http').warning('Retrying in 1s.')",
+        ]
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        timeout=60,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "WARNING: Retrying in 1s.\n"
+
+
+def test_cli_path_vqgan_writes_nothing_in_cwd(
+    tiny_models: TinyModels,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    monkeypatch.delenv("IMAGINE_MODELS_DIR", raising=False)
+
+    status = main(
+        ["a cat", "-o", str(tmp_path / "out.png"), "--iterations", "1", "-q",
+         *tiny_arguments(tiny_models)]
+    )  # fmt: skip
+
+    assert status == 0, capsys.readouterr().err
+    assert list(workdir.iterdir()) == []
+    assert (tmp_path / "out.png").is_file()
+
+
+def test_cli_path_vqgan_cache_in_models_dir(
+    tiny_models: TinyModels, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    models_dir = tmp_path / "models"
+
+    status = main(
+        ["a cat", "-o", str(tmp_path / "out.png"), "--iterations", "1", "-q",
+         "--models-dir", str(models_dir), *tiny_arguments(tiny_models)]
+    )  # fmt: skip
+
+    assert status == 0, capsys.readouterr().err
+    assert len(list((models_dir / "cache").glob("tiny-vqgan.*.safetensors"))) == 1

@@ -12,15 +12,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from huggingface_hub import constants as hub_constants
 
 from generator.download import (
     download_file,
     download_model,
     main_download,
+    probe_url,
     verify_model_files,
 )
 from generator.errors import ModelError
 from generator.registry import ModelEntry, RemoteFile
+from generator.testing import build_tiny_clip
 
 PAYLOAD = bytes(range(256)) * 400  # 102,400 bytes
 PAYLOAD_SHA256 = hashlib.sha256(PAYLOAD).hexdigest()
@@ -259,6 +262,57 @@ def test_all_mirrors_failing_message(server: Server, tmp_path: Path) -> None:
     assert PAYLOAD_SHA256 in message
 
 
+def test_failed_mirrors_log_no_warning(
+    server: Server, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    entry = _entry([server.url("/missing.ckpt"), _closed_port_url()], [])
+
+    with caplog.at_level(logging.INFO, logger="generator.download"), pytest.raises(ModelError):
+        download_file(entry.checkpoint, entry, tmp_path, progress=False)
+
+    # The ModelError lists every mirror, so a warning per mirror would repeat it.
+    assert [r.levelname for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert "missing.ckpt failed: HTTP Error 404" in caplog.text
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_later_mirror_success_warns(
+    server: Server, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    server.routes["/good.ckpt"] = Route(PAYLOAD)
+    entry = _entry([server.url("/missing.ckpt"), server.url("/good.ckpt")], [])
+
+    with caplog.at_level(logging.WARNING, logger="generator.download"):
+        download_file(entry.checkpoint, entry, tmp_path, progress=False)
+
+    assert "after 1 other mirror(s) failed" in caplog.text
+
+
+def test_all_mirrors_failing_first_line(server: Server, tmp_path: Path) -> None:
+    entry = _entry([server.url("/missing.ckpt")], [server.url("/model.yaml")])
+
+    with pytest.raises(ModelError) as raised:
+        download_file(entry.checkpoint, entry, tmp_path, progress=False)
+
+    lines = str(raised.value).splitlines()
+    assert lines[0] == (
+        "Could not download VQGAN test_model: every mirror of its checkpoint failed. "
+        "Check the network connection, or install the files by hand as shown below."
+    )
+    assert f"  {(tmp_path / 'test_model.ckpt').resolve()}  (checkpoint, SHA-256 " in lines[-2]
+    assert lines[-1] == f"      {server.url('/missing.ckpt')}"
+
+
+def test_probe_url(server: Server) -> None:
+    assert probe_url(server.url("/missing.safetensors")) is None
+    server.routes["/model.safetensors"] = Route(PAYLOAD)
+    assert probe_url(server.url("/model.safetensors")) is None
+
+    failure = probe_url(_closed_port_url())
+    assert failure is not None
+    assert "refused" in failure.lower()
+
+
 def test_verify_rejects_wrong_checksum(tmp_path: Path) -> None:
     entry = _entry(["http://127.0.0.1:9/x"], ["http://127.0.0.1:9/y"])
     (tmp_path / "test_model.yaml").write_bytes(CONFIG)
@@ -302,3 +356,36 @@ def test_main_download_unknown_name(
     error = capsys.readouterr().err
     assert "no_such_model" in error
     assert "vqgan_imagenet_f16_16384" in error
+
+
+@pytest.fixture
+def offline_hub(monkeypatch: pytest.MonkeyPatch) -> str:
+    """Point the Hugging Face Hub client at a loopback port nothing listens on."""
+    endpoint = _closed_port_url().removesuffix("/gone.ckpt")
+    monkeypatch.setattr(hub_constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(
+        hub_constants,
+        "HUGGINGFACE_CO_URL_TEMPLATE",
+        endpoint + "/{repo_id}/resolve/{revision}/{filename}",
+    )
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    return endpoint
+
+
+def test_main_download_tries_every_name(
+    tmp_path: Path, offline_hub: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clip_spec = build_tiny_clip(tmp_path / "clip")
+    names = ["no_such_model", "ViT-B-32/openai", clip_spec]
+
+    status = main_download([*names, "--models-dir", str(tmp_path / "models"), "--quiet"])
+
+    output = capsys.readouterr()
+    assert status == 1
+    assert "Unknown VQGAN model 'no_such_model'" in output.err
+    assert "error: Could not download CLIP ViT-B-32/openai: cannot connect" in output.err
+    assert output.err.splitlines()[-1] == (
+        "error: 2 of 3 downloads failed: no_such_model, ViT-B-32/openai."
+    )
+    weights = clip_spec.partition("/")[2]
+    assert output.out.splitlines() == [f"{clip_spec}: {weights}"]

@@ -6,21 +6,33 @@ import io
 import json
 import os
 import shutil
+import socket
 import sys
+import threading
+import time
 import types
 import zipfile
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import open_clip
 import pytest
 import torch
+from huggingface_hub import constants as hub_constants
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from generator.checkpoint import load_state_dict
 from generator.clip import use_sdpa_attention
 from generator.errors import ModelError
-from generator.models import load_clip, load_models, load_vqgan, resolve_device
+from generator.models import (
+    find_and_load_clip,
+    load_clip,
+    load_models,
+    load_vqgan,
+    resolve_device,
+)
 from generator.testing import (
     TinyModels,
     build_tiny_clip,
@@ -573,3 +585,176 @@ def test_clip_json_beside_weights_wins(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="Cannot load CLIP weights"):
         load_clip(f"imagine-tiny-clip/{second_dir / 'imagine-tiny-clip.pt'}")
     assert load_clip(first).encode_text(["x"]).shape == (1, 32)
+
+
+# --- CLIP weights by tag: offline, placed by hand, cached --------------------
+
+
+TINY_TAG = "test"
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _use_hub_endpoint(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
+    monkeypatch.setattr(hub_constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(
+        hub_constants,
+        "HUGGINGFACE_CO_URL_TEMPLATE",
+        endpoint + "/{repo_id}/resolve/{revision}/{filename}",
+    )
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+
+
+@pytest.fixture
+def offline_hub(monkeypatch: pytest.MonkeyPatch) -> str:
+    """Point the Hugging Face Hub client at a loopback port nothing listens on."""
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    _use_hub_endpoint(monkeypatch, endpoint)
+    return endpoint
+
+
+@pytest.fixture
+def hub_requests(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """Point the Hub client at a loopback server that answers 404 and records each request."""
+    requests: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+        def do_HEAD(self) -> None:
+            requests.append(f"HEAD {self.path}")
+            self.send_error(404)
+
+        def do_GET(self) -> None:
+            requests.append(f"GET {self.path}")
+            self.send_error(404)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    _use_hub_endpoint(monkeypatch, f"http://127.0.0.1:{server.server_address[1]}")
+    yield requests
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+@pytest.fixture
+def tiny_tag(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Register the tiny CLIP under the open_clip pretrained tag TINY_TAG."""
+    config = json.loads((tiny_dir / "imagine-tiny-clip.json").read_text())
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "imagine-tiny-clip", config)
+    tags = {
+        TINY_TAG: {
+            "hf_hub": "imagine/tiny-clip/",
+            "mean": (0.25, 0.5, 0.75),
+            "std": (0.5, 0.5, 0.5),
+            "quick_gelu": False,
+        }
+    }
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, "imagine-tiny-clip", tags)
+    return f"imagine-tiny-clip/{TINY_TAG}"
+
+
+def test_offline_clip_fails_fast(tiny_dir: Path, tmp_path: Path, offline_hub: str) -> None:
+    started = time.perf_counter()
+    with pytest.raises(ModelError) as raised:
+        load_models(str(tiny_dir / "tiny-vqgan.ckpt"), "ViT-B-32/openai", "cpu", tmp_path)
+    elapsed = time.perf_counter() - started
+
+    message = str(raised.value)
+    lines = message.splitlines()
+    assert elapsed < 10
+    assert lines[0].startswith("Could not download CLIP ViT-B-32/openai: cannot connect to 127.0")
+    assert ".." not in message
+    repository = f"{offline_hub}/timm/vit_base_patch32_clip_224.openai/resolve/main"
+    assert f"  {repository}/open_clip_model.safetensors" in lines
+    assert f"  {repository}/open_clip_pytorch_model.bin" in lines
+    assert f"  {(tmp_path / 'clip' / 'ViT-B-32' / 'openai.safetensors').resolve()}" in lines
+
+
+def test_offline_clip_with_hub_offline_flag(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+
+    with pytest.raises(ModelError, match="HF_HUB_OFFLINE is set") as raised:
+        find_and_load_clip("ViT-B-32/openai", "cpu", tmp_path)
+    assert str((tmp_path / "clip" / "ViT-B-32" / "openai.safetensors").resolve()) in str(
+        raised.value
+    )
+
+
+def test_clip_placed_by_hand_loads_offline(
+    tiny_dir: Path, tmp_path: Path, hub_requests: list[str], tiny_tag: str
+) -> None:
+    manual = tmp_path / "clip" / "imagine-tiny-clip" / f"{TINY_TAG}.bin"
+    manual.parent.mkdir(parents=True)
+    shutil.copy(tiny_dir / "imagine-tiny-clip.pt", manual)
+    by_path = load_clip(f"imagine-tiny-clip/{tiny_dir / 'imagine-tiny-clip.pt'}")
+
+    by_path = load_clip(f"imagine-tiny-clip/{tiny_dir / 'imagine-tiny-clip.pt'}")
+
+    clip = find_and_load_clip(tiny_tag, "cpu", tmp_path)
+
+    assert clip.name == tiny_tag
+    assert clip.mean == (0.25, 0.5, 0.75)
+    assert torch.equal(clip.encode_text(["a fox"]), by_path.encode_text(["a fox"]))
+    assert hub_requests == []
+    assert clip.std == (0.5, 0.5, 0.5)
+    assert torch.equal(clip.encode_text(["a fox"]), by_path.encode_text(["a fox"]))
+    assert hub_requests == []
+
+
+def test_cached_clip_loads_without_request(
+    tiny_dir: Path, tmp_path: Path, hub_requests: list[str], tiny_tag: str
+) -> None:
+    # The layout huggingface_hub gives a downloaded file: a snapshot named by
+    # commit, and refs/main naming that commit.
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repository = tmp_path / "models--imagine--tiny-clip"
+    snapshot = repository / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repository / "refs").mkdir()
+    (repository / "refs" / "main").write_text(commit)
+    state = torch.load(tiny_dir / "imagine-tiny-clip.pt", weights_only=True)
+    save_file(state, str(snapshot / "open_clip_model.safetensors"))
+
+    by_path = load_clip(f"imagine-tiny-clip/{tiny_dir / 'imagine-tiny-clip.pt'}")
+
+    clip = find_and_load_clip(tiny_tag, "cpu", tmp_path)
+
+    assert clip.name == tiny_tag
+    assert clip.mean == (0.25, 0.5, 0.75)
+    assert torch.equal(clip.encode_text(["a fox"]), by_path.encode_text(["a fox"]))
+    assert hub_requests == []
+
+
+def test_vqgan_error_names_missing_clip(tmp_path: Path, offline_hub: str) -> None:
+    with pytest.raises(ModelError) as raised:
+        load_models("no_such_vqgan", ["ViT-B-32/openai"], "cpu", tmp_path)
+
+    lines = str(raised.value).splitlines()
+    assert "Unknown VQGAN model 'no_such_vqgan'" in lines[0]
+    manual = (tmp_path / "clip" / "ViT-B-32" / "openai.safetensors").resolve()
+    assert lines[-1].startswith("CLIP ViT-B-32/openai is not downloaded yet")
+    assert str(manual) in lines[-1]
+
+
+# --- where the safetensors copy of a VQGAN given by path goes ------------------
+
+
+def test_path_vqgan_cache_in_models_dir_variable(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    models_dir = tmp_path / "chosen"
+    monkeypatch.setenv("IMAGINE_MODELS_DIR", str(models_dir))
+
+    load_vqgan(str(tiny))
+
+    assert len(list((models_dir / "cache").glob("tiny-vqgan.*.safetensors"))) == 1
