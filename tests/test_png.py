@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import pickle
 from pathlib import Path
 
@@ -11,9 +12,18 @@ import torch
 from PIL import Image
 
 import generator
-from generator import GenerationRequest, parse_prompts
-from generator.png import METADATA_KEYS, generation_metadata, png_bytes, read_png_metadata, save_png
+from generator import GenerationRequest, RequestError, generate, load_models, parse_prompts
+from generator.png import (
+    METADATA_KEYS,
+    generation_metadata,
+    png_bytes,
+    read_png_metadata,
+    request_from_metadata,
+    request_from_png,
+    save_png,
+)
 from generator.state import load_state, save_state
+from generator.testing import TinyModels
 
 
 def sample_image() -> Image.Image:
@@ -53,9 +63,14 @@ def test_generation_metadata_keys() -> None:
         seed=42,
         iterations=10,
         cutn=4,
+        cut_pow=0.7,
+        lr=0.05,
+        optimizer="AdamW",
         clip=("ViT-B-32/openai", "RN50/openai"),
     )
+
     metadata = generation_metadata(request, 128, 96)
+
     assert tuple(metadata) == METADATA_KEYS
     assert metadata["prompt"] == "a cat:2 | a hat"
     assert metadata["negative"] == "fog"
@@ -63,9 +78,107 @@ def test_generation_metadata_keys() -> None:
     assert metadata["size"] == "128x96"
     assert metadata["iterations"] == "10"
     assert metadata["cutn"] == "4"
+    assert metadata["cut_pow"] == "0.7"
+    assert metadata["lr"] == "0.05"
+    assert metadata["optimizer"] == "AdamW"
     assert metadata["vqgan"] == "vqgan_imagenet_f16_16384"
     assert metadata["clip"] == "ViT-B-32/openai,RN50/openai"
     assert metadata["version"] == generator.__version__
+    assert json.loads(metadata["request"]) == {
+        k: v for k, v in request.to_dict().items() if k not in ("init_image", "image_prompts")
+    }
+    assert json.loads(metadata["image_inputs"]) == {
+        "init_image": False,
+        "image_prompt_weights": [],
+    }
+
+
+def test_metadata_leaves_out_image_paths() -> None:
+    request = GenerationRequest(
+        prompts=parse_prompts("a cat"),
+        seed=1,
+        init_image="/home/someone/private/start.png",
+        image_prompts=[("/home/someone/private/style.png", 0.5)],
+    )
+
+    metadata = generation_metadata(request, 64, 64)
+
+    assert not any("/home/someone" in value for value in metadata.values())
+    assert json.loads(metadata["image_inputs"]) == {
+        "init_image": True,
+        "image_prompt_weights": [0.5],
+    }
+
+
+def _request_with_everything(tiny_models: TinyModels) -> GenerationRequest:
+    return GenerationRequest(
+        prompts=parse_prompts("a red apple:1.5:0.2 | a bowl --no fog, rain"),
+        seed=11,
+        width=32,
+        height=32,
+        iterations=3,
+        cutn=3,
+        cut_pow=0.8,
+        lr=0.07,
+        optimizer="AdamW",
+        vqgan=tiny_models.vqgan,
+        clip=(tiny_models.clip,),
+    )
+
+
+def test_png_rebuilds_request_same_bytes(tiny_models: TinyModels) -> None:
+    torch.set_num_threads(1)
+    original = _request_with_everything(tiny_models)
+    models = load_models(tiny_models.vqgan, [tiny_models.clip], "cpu")
+    image = generate(original, models=models)
+    first = png_bytes(image, generation_metadata(original, *image.size))
+
+    rebuilt = request_from_png(first)
+    again = generate(rebuilt, models=models)
+    second = png_bytes(again, generation_metadata(rebuilt, *again.size))
+
+    assert rebuilt == original
+    assert first == second
+
+
+def test_rebuild_needs_image_paths_back() -> None:
+    original = GenerationRequest(
+        prompts=parse_prompts("a cat"),
+        seed=1,
+        init_image="start.png",
+        image_prompts=[("style.png", 0.5), ("colour.png", -1.0)],
+    )
+    data = png_bytes(sample_image(), generation_metadata(original, 8, 4))
+
+    with pytest.raises(RequestError, match="init image"):
+        request_from_png(data, image_prompts=["a.png", "b.png"])
+    with pytest.raises(RequestError, match="2 image prompt"):
+        request_from_png(data, init_image="start.png", image_prompts=["a.png"])
+
+    rebuilt = request_from_png(data, init_image="start.png", image_prompts=["style.png", "c.png"])
+    assert rebuilt.init_image == "start.png"
+    assert rebuilt.image_prompts == [("style.png", 0.5), ("c.png", -1.0)]
+    assert rebuilt.prompts == original.prompts
+
+
+def test_rebuild_without_request_key() -> None:
+    data = png_bytes(sample_image(), {"prompt": "a cat", "seed": "7"})
+
+    with pytest.raises(RequestError, match="has no 'request' metadata"):
+        request_from_png(data)
+
+
+def test_rebuild_rejects_invalid_request() -> None:
+    request = GenerationRequest(prompts=parse_prompts("a cat"), seed=1)
+    metadata = generation_metadata(request, 8, 4)
+
+    broken = {**metadata, "request": "{not json"}
+    with pytest.raises(RequestError, match="not valid JSON"):
+        request_from_metadata(broken)
+
+    settings = json.loads(metadata["request"]) | {"lr": -1}
+    with pytest.raises(RequestError, match="lr is -1"):
+        request_from_metadata({**metadata, "request": json.dumps(settings)})
 
 
 def sample_state() -> dict[str, object]:
