@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from generator.errors import ModelError
@@ -313,23 +315,38 @@ def _create_model(spec: ClipSpec, device: torch.device, models_dir: Path | None)
             force_quick_gelu=quick_gelu,
             cache_dir=cache_dir,
         )
-    # open_clip reports some mismatched weights with `assert`.
-    except (RuntimeError, OSError, ValueError, KeyError, AssertionError) as error:
+    # open_clip reports some mismatched weights with `assert`. IndexError, EOFError,
+    # UnpicklingError and SafetensorError come from files that are not weights.
+    except (
+        RuntimeError, OSError, ValueError, KeyError, AssertionError,
+        IndexError, EOFError, pickle.UnpicklingError, SafetensorError,
+    ) as error:
         raise ModelError(_creation_failure(spec, models_dir, error)) from error
 
 
 def _creation_failure(spec: ClipSpec, models_dir: Path | None, error: BaseException) -> str:
+    # open_clip's messages often end with punctuation of their own.
+    reason = str(error).strip() or type(error).__name__
+    if not reason.endswith((".", "!", "?")):
+        reason += "."
     if spec.weights_path is not None:
+        from generator.checkpoint import load_state_dict
+
+        # A file that our own reader cannot read either gets its clearer message.
+        try:
+            load_state_dict(spec.weights_path)
+        except ModelError as unreadable:
+            return str(unreadable)
         return (
-            f"Cannot load CLIP weights {spec.weights_path} for {spec.model!r}: {error}. "
+            f"Cannot load CLIP weights {spec.weights_path} for {spec.model!r}: {reason} "
             "Check that the file is complete and matches the architecture."
         )
     place = models_dir if models_dir is not None else "the open_clip cache"
     return (
-        f"Cannot get CLIP {spec.spec!r}: {error}. Downloads go to {place}. Without network "
+        f"Cannot get CLIP {spec.spec!r}: {reason} Downloads go to {place}. Without network "
         "access, download the weights elsewhere (for OpenAI ViT-B-32, the file "
         "open_clip_model.safetensors of the Hugging Face repository "
-        "timm/vit_base_patch32_clip_224.openai), copy the file here and use "
+        "timm/vit_base_patch32_clip_224.openai), copy the file to this machine and use "
         f"'{spec.model}-quickgelu/PATH' for OpenAI weights or '{spec.model}/PATH' for others."
     )
 

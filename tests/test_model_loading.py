@@ -511,8 +511,30 @@ def test_clip_weights_for_other_architecture(tmp_path: Path) -> None:
     spec = build_tiny_clip(tmp_path)
     weights = spec.split("/", 1)[1]
 
-    with pytest.raises(ModelError, match="Cannot load CLIP weights"):
+    with pytest.raises(ModelError, match="Cannot load CLIP weights") as raised:
         load_clip(f"RN50/{weights}")
+    assert "!." not in str(raised.value)
+    assert ".." not in str(raised.value)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+@pytest.mark.parametrize("content", list(NOT_CHECKPOINTS), ids=list(NOT_CHECKPOINTS))
+def test_clip_weights_not_a_checkpoint(
+    tiny_dir: Path, tmp_path: Path, content: str, suffix: str
+) -> None:
+    data, _cause = NOT_CHECKPOINTS[content]
+    weights = tmp_path / f"clip{suffix}"
+    weights.write_bytes(data)
+    shutil.copy(tiny_dir / "imagine-tiny-clip.json", tmp_path)
+
+    with pytest.raises(ModelError) as raised:
+        load_clip(f"imagine-tiny-clip/{weights}")
+
+    message = str(raised.value)
+    assert message.startswith(f"{weights} is not a valid model checkpoint ({len(data)} bytes)")
+    assert "\n" not in message
+    for phrase in TORCH_PHRASES:
+        assert phrase not in message, phrase
 
 
 # --- load_models and devices -------------------------------------------------
