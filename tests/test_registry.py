@@ -85,6 +85,19 @@ def test_default_models_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     assert registry.default_models_dir() == tmp_path
 
 
+def test_configured_models_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("IMAGINE_MODELS_DIR", raising=False)
+    assert registry.configured_models_dir() is None
+
+    # An empty value counts as unset, not as the current directory.
+    monkeypatch.setenv("IMAGINE_MODELS_DIR", "")
+    assert registry.configured_models_dir() is None
+    assert registry.default_models_dir() == Path("data/models")
+
+    monkeypatch.setenv("IMAGINE_MODELS_DIR", str(tmp_path))
+    assert registry.configured_models_dir() == tmp_path
+
+
 def _registry_data() -> dict[str, Any]:
     return json.loads(registry.REGISTRY_PATH.read_text(encoding="utf-8"))
 
