@@ -373,11 +373,12 @@ def missing_clip_note(specs: Sequence[str], models_dir: Path | None) -> str:
             continue
         if source is None or download.manual_clip_file(source) or download.cached_clip_file(source):
             continue
-        manual_path = source.manual_paths[0].resolve()
-        lines.append(
-            f"CLIP {spec} is not downloaded yet either: the first run downloads it from "
-            f"{source.urls[0]}; without network access, save that file as {manual_path}."
-        )
+        lines += [
+            f"CLIP {spec} is not downloaded yet either. The first run downloads it from:",
+            f"  {source.urls[0]}",
+            "Without network access, save that file as:",
+            f"  {source.manual_paths[0].resolve()}",
+        ]
     return "\n".join(lines)
 
 

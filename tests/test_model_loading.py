@@ -764,8 +764,10 @@ def test_vqgan_error_names_missing_clip(tmp_path: Path, offline_hub: str) -> Non
     lines = str(raised.value).splitlines()
     assert "Unknown VQGAN model 'no_such_vqgan'" in lines[0]
     manual = (tmp_path / "clip" / "ViT-B-32" / "openai.safetensors").resolve()
-    assert lines[-1].startswith("CLIP ViT-B-32/openai is not downloaded yet")
-    assert str(manual) in lines[-1]
+    repository = f"{offline_hub}/timm/vit_base_patch32_clip_224.openai/resolve/main"
+    assert lines[-4].startswith("CLIP ViT-B-32/openai is not downloaded yet either.")
+    assert lines[-3] == f"  {repository}/open_clip_model.safetensors"
+    assert lines[-1] == f"  {manual}"
 
 
 # --- where the safetensors copy of a VQGAN given by path goes ------------------
