@@ -206,7 +206,8 @@ def _add_model_arguments(group: argparse._ArgumentGroup, defaults: GenerationReq
         type=Path,
         default=None,
         help="where models are stored, as for the download command "
-        f"(default: ${MODELS_DIR_VARIABLE} or ./data/models)",
+        f"(default: ${MODELS_DIR_VARIABLE} or ./data/models); a --vqgan PATH gets a "
+        f"fast-loading copy here only when this or ${MODELS_DIR_VARIABLE} is set",
     )
 
 
