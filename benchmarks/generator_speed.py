@@ -20,7 +20,9 @@ models and then measures:
 ``--reference`` adds, for each setting, a step computed the way
 nerdyrodent/VQGAN-CLIP's ``generate.py`` computes it (taming's decoder, CLIP
 without our faster paths, one-hot quantisation, AdamW), so that the reference
-can be compared on the same machine without its code or weights.
+can be compared on the same machine without its code or weights. Its steps
+alternate with ours in the same process, so that load from other processes
+slows both alike, and the peak memory then covers both sets of models.
 
 Run from the repository root::
 
@@ -226,36 +228,38 @@ def reference_recipe(device: torch.device) -> StepRecipe:
     )
 
 
-def time_split(
-    recipe: StepRecipe, device: torch.device, side: int, cutn: int, iterations: int
-) -> list[dict[str, float]]:
-    """Time the stages of one step; return one dict of seconds per timed iteration.
+class SplitStep:
+    """One optimisation step of a recipe, run with a synchronising timer between stages.
 
-    The step follows ``generate``'s sequence of public building blocks with a
-    synchronising timer between stages. The first step is a warm-up and is
-    not returned.
+    The step follows ``generate``'s sequence of public building blocks. Each
+    call of ``run`` takes one step and returns the seconds of each stage.
     """
-    codebook = recipe.codebook
-    z_min = codebook.min(dim=0).values.view(1, -1, 1, 1)
-    z_max = codebook.max(dim=0).values.view(1, -1, 1, 1)
-    cells = side // recipe.factor
-    indices = torch.randint(codebook.shape[0], (cells * cells,)).to(device)
-    z = codebook.index_select(0, indices).view(1, cells, cells, -1).permute(0, 3, 1, 2)
-    z = z.contiguous().requires_grad_(True)
-    optimizer = recipe.optimizer([z], lr=0.1)
-    guides = [(clip, MakeCutouts(clip.input_size, cutn), _targets(clip)) for clip in recipe.clips]
 
-    results = []
-    for _ in range(iterations + 1):
-        watch = _Stopwatch(device)
+    def __init__(self, recipe: StepRecipe, device: torch.device, side: int, cutn: int) -> None:
+        self.recipe = recipe
+        self.device = device
+        codebook = recipe.codebook
+        self.z_min = codebook.min(dim=0).values.view(1, -1, 1, 1)
+        self.z_max = codebook.max(dim=0).values.view(1, -1, 1, 1)
+        cells = side // recipe.factor
+        indices = torch.randint(codebook.shape[0], (cells * cells,)).to(device)
+        z = codebook.index_select(0, indices).view(1, cells, cells, -1).permute(0, 3, 1, 2)
+        self.z = z.contiguous().requires_grad_(True)
+        self.optimizer = recipe.optimizer([self.z], lr=0.1)
+        self.guides = [
+            (clip, MakeCutouts(clip.input_size, cutn), _targets(clip)) for clip in recipe.clips
+        ]
+
+    def run(self) -> dict[str, float]:
+        watch = _Stopwatch(self.device)
         watch.start()
-        optimizer.zero_grad(set_to_none=True)
-        decoded = recipe.decode(recipe.quantize(z, codebook))
+        self.optimizer.zero_grad(set_to_none=True)
+        decoded = self.recipe.decode(self.recipe.quantize(self.z, self.recipe.codebook))
         image = clamp_with_grad(decoded.add(1).div(2), 0.0, 1.0)
         watch.lap("decode")
 
         losses = []
-        for clip, cutouts, targets in guides:
+        for clip, cutouts, targets in self.guides:
             batch = normalize(cutouts(image), clip.mean, clip.std)
             watch.lap("cutouts")
             embeddings = clip.encode_image(batch)
@@ -264,12 +268,38 @@ def time_split(
 
         torch.stack(losses).sum().backward()
         watch.lap("backward")
-        optimizer.step()
+        self.optimizer.step()
         with torch.no_grad():
-            z.copy_(torch.maximum(torch.minimum(z, z_max), z_min))
+            self.z.copy_(torch.maximum(torch.minimum(self.z, self.z_max), self.z_min))
         watch.lap("optimiser")
-        results.append(watch.laps)
-    return results[1:]
+        return watch.laps
+
+
+def time_split(
+    recipes: list[StepRecipe], device: torch.device, side: int, cutn: int, iterations: int
+) -> list[list[dict[str, float]]]:
+    """Time the stages of each recipe's step; return, per recipe, one dict per timed iteration.
+
+    With several recipes their steps alternate, so that load from other
+    processes falls on all of them alike. The first step of each is a warm-up
+    and is not returned.
+    """
+    steps = [SplitStep(recipe, device, side, cutn) for recipe in recipes]
+    results: list[list[dict[str, float]]] = [[] for _ in recipes]
+    for _ in range(iterations + 1):
+        for step, times in zip(steps, results, strict=True):
+            times.append(step.run())
+    return [times[1:] for times in results]
+
+
+def _summary(splits: list[dict[str, float]]) -> dict[str, Any]:
+    sums = [sum(split.values()) for split in splits]
+    return {
+        "split_s": {stage: statistics.median(s[stage] for s in splits) for stage in STAGES},
+        "split_sum_s": statistics.median(sums),
+        "split_sum_min_s": min(sums),
+        "split_sum_all_s": sums,
+    }
 
 
 def peak_rss_bytes() -> int:
@@ -280,48 +310,67 @@ def peak_rss_bytes() -> int:
 
 def measure_setting(
     device: torch.device, side: int, cutn: int, iterations: int, threads: int, reference: bool
-) -> dict[str, Any]:
-    """Build the models and measure one setting in this process; return a JSON-safe dict.
+) -> list[dict[str, Any]]:
+    """Build the models and measure one setting in this process; return JSON-safe rows.
 
-    With ``reference`` only the reference-equivalent step is timed, and its
-    total is the sum of its stages (it cannot run inside ``generate``).
+    The first row is ``generate()`` with our step's split. With ``reference``
+    a second row times the reference-equivalent step, alternating with ours
+    (whose split then comes from the alternated run). The reference's total is
+    the sum of its stages, because it cannot run inside ``generate``. Peak
+    memory is then the process's, both models included.
     """
     torch.set_num_threads(threads)
     started = time.perf_counter()
-    models = None if reference else build_models(device)
-    recipe = reference_recipe(device) if models is None else our_recipe(models)
+    models = build_models(device)
+    recipes = [our_recipe(models)]
+    if reference:
+        recipes.append(reference_recipe(device))
     build_s = time.perf_counter() - started
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     load_before = os.getloadavg()[0]
-    totals = None
-    if models is not None:
-        totals = time_generate(models, side, cutn, iterations, threads)
-        torch.set_num_threads(threads)
-    splits = time_split(recipe, device, side, cutn, iterations)
-    if totals is None:
-        totals = [sum(split.values()) for split in splits]
+    totals = time_generate(models, side, cutn, iterations, threads)
+    torch.set_num_threads(threads)
+    splits = time_split(recipes, device, side, cutn, iterations)
     load_after = os.getloadavg()[0]
 
-    peak_cuda = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return {
-        "step": "reference" if reference else "imagine",
+    common = {
         "side": side,
         "cutn": cutn,
         "device": str(device),
         "threads": threads,
         "iterations": iterations,
         "build_s": build_s,
-        "total_s": statistics.median(totals),
-        "total_min_s": min(totals),
-        "total_all_s": totals,
-        "split_s": {stage: statistics.median(s[stage] for s in splits) for stage in STAGES},
-        "split_sum_s": statistics.median(sum(s.values()) for s in splits),
         "peak_rss_bytes": peak_rss_bytes(),
-        "peak_cuda_bytes": peak_cuda,
+        "peak_cuda_bytes": (
+            torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        ),
         "load_average": [load_before, load_after],
     }
+    rows = [
+        {
+            **common,
+            "step": "imagine",
+            "total_s": statistics.median(totals),
+            "total_min_s": min(totals),
+            "total_all_s": totals,
+            **_summary(splits[0]),
+        }
+    ]
+    if reference:
+        summary = _summary(splits[1])
+        rows.append(
+            {
+                **common,
+                "step": "reference",
+                "total_s": summary["split_sum_s"],
+                "total_min_s": summary["split_sum_min_s"],
+                "total_all_s": summary["split_sum_all_s"],
+                **summary,
+            }
+        )
+    return rows
 
 
 def parse_settings(text: str) -> list[tuple[int, int]]:
@@ -359,7 +408,9 @@ def machine_info(threads: int, device: torch.device) -> dict[str, Any]:
     return info
 
 
-def run_child(args: argparse.Namespace, side: int, cutn: int, reference: bool) -> dict[str, Any]:
+def run_child(
+    args: argparse.Namespace, side: int, cutn: int, reference: bool
+) -> list[dict[str, Any]]:
     """Measure one setting in a fresh process, so that its peak memory is its own."""
     command = [
         sys.executable,
@@ -446,12 +497,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     results = []
-    steps = [False, True] if args.reference else [False]
     for side, cutn in args.sizes:
-        for reference in steps:
-            name = "reference-equivalent step" if reference else "generate()"
-            print(f"Measuring {name} at {side}x{side}, {cutn} cutouts, {device}", file=sys.stderr)
-            results.append(run_child(args, side, cutn, reference))
+        print(f"Measuring {side}x{side} with {cutn} cutouts on {device}...", file=sys.stderr)
+        results += run_child(args, side, cutn, args.reference)
     info = machine_info(args.threads, device)
     print(f"{info['cpu']}, {info['cores']} cores, torch {info['torch']}, {args.threads} threads")
     print(markdown_table(results))
