@@ -8,6 +8,12 @@ failed or requeued, a new worker is started and the queue goes on.
 
 A thread reads the worker's pipe and hands each message to the event loop, so the loop does
 not wait on pipe reads. This module does not import torch.
+
+Start-up checks what would otherwise fail every job: :meth:`Executor.start` waits until the
+worker has resolved its device and loaded (or downloaded) the models, and raises
+:class:`DeviceUnavailable` or :class:`ModelsUnavailable` with a message for the operator.
+Before its first job, the dispatcher times a warm-up generation, so that the first queue
+estimates come from this machine and these models (see :func:`iteration_cost`).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import logging
 import multiprocessing
 import re
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +38,15 @@ if TYPE_CHECKING:
     from bot.settings import Settings
     from bot.store import JobStore
 
-__all__ = ["Executor", "ExecutorInfo", "JobEvents", "WorkerError"]
+__all__ = [
+    "DeviceUnavailable",
+    "Executor",
+    "ExecutorInfo",
+    "JobEvents",
+    "ModelsUnavailable",
+    "WorkerError",
+    "iteration_cost",
+]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +58,13 @@ STOP_TIMEOUT_S = 10.0
 # The part of stop()'s time kept for terminating a worker that did not stop its job in time.
 WORKER_KILL_RESERVE_S = 3.0
 RATE_META_KEY = "iterations_per_s"
+# The measured speed for queue estimates, with the device and models it was measured on.
+CALIBRATION_META_KEY = "speed_calibration"
+# The relative cost of one iteration's parts: seconds per CLIP cutout and per 256x256 of
+# decoded pixels, each with its backward pass (ViT-B/32 and the f16 VQGAN on a 2-core CPU).
+# Only their ratio matters: a measured speed scales both.
+CUTOUT_COST = 0.37
+DECODER_COST_PER_256_SQUARE = 9.5
 STATE_FILE_PATTERN = re.compile(r"job-(\d+)\.pt")
 
 WORKER_START_FAILED = (
@@ -59,13 +81,32 @@ class WorkerError(RuntimeError):
     """The worker process failed to start or exited before reporting its device."""
 
 
+class DeviceUnavailable(WorkerError):
+    """``IMAGINE_DEVICE`` names a device this machine does not have; the message lists them."""
+
+
+class ModelsUnavailable(WorkerError):
+    """The configured models could not be loaded. The message explains how to get them."""
+
+
+def iteration_cost(request: Mapping[str, Any]) -> float:
+    """Return the relative cost of one iteration of ``request`` (a ``GenerationRequest`` dict).
+
+    The unit is roughly a second on a 2-core CPU; a measured speed turns it into seconds on
+    the machine at hand. Missing fields take the generator's defaults (256x256, 32 cutouts).
+    """
+    pixels = float(request.get("width", 256)) * float(request.get("height", 256))
+    cutouts = float(request.get("cutn", 32))
+    return CUTOUT_COST * cutouts + DECODER_COST_PER_256_SQUARE * pixels / (256 * 256)
+
+
 @dataclass(frozen=True)
 class ExecutorInfo:
     """A snapshot of the executor for /info.
 
     ``device`` is the torch device the worker resolved (``settings.device`` until it has).
-    ``iterations_per_s`` is measured on the last job that ran (None before the first);
-    it depends on the size and cutouts of that job.
+    ``iterations_per_s`` is measured on the last job that ran, or on the warm-up at start
+    (None before either). It depends on the size and cutouts measured.
     """
 
     device: str
@@ -191,6 +232,9 @@ class Executor:
         self._models_loaded: bool = False
         self._models_error: str | None = None
         self._rate: float | None = None
+        # Seconds per unit of iteration_cost(), measured at start and by every job.
+        self._seconds_per_cost: float | None = None
+        self._warmed_up: asyncio.Event = asyncio.Event()
         self._restarts: int = 0
 
         self._handlers: dict[str, Callable[[_WorkerHandle, Job, dict[str, Any]], Awaitable[bool]]]
@@ -211,8 +255,20 @@ class Executor:
 
         Returns the jobs that were left running by the previous process, in their new state
         (``queued`` again at the front, or ``failed`` after repeated interruptions), so the
-        Discord layer can tell their channels. Waits until the worker has resolved its device
-        (a few seconds: it imports torch), but not for the models to load.
+        Discord layer can tell their channels.
+
+        Waits until the worker has resolved its device (a few seconds: it imports torch) and
+        loaded the models, which includes downloading registered ones that are not in the
+        models directory yet. Unless a speed measured on the same device and models is
+        stored, the dispatcher then times a warm-up generation before it takes the first
+        job: about a second on a GPU or with tiny models, about 8 s on a 2-core CPU with the
+        real ones (see :meth:`wait_warmed_up`).
+
+        Raises:
+            DeviceUnavailable: ``IMAGINE_DEVICE`` names a device this machine lacks.
+            ModelsUnavailable: a model is missing, cannot be downloaded or is damaged.
+            WorkerError: the worker did not start or died while loading.
+        On any of these no worker is left running; the store keeps the recovered jobs.
         """
         recovered = await self._store.recover()
         keep = await self._store.job_ids(["queued"])
@@ -220,11 +276,26 @@ class Executor:
         self._rate = await self._store.get_meta(RATE_META_KEY)
 
         try:
-            await self._ensure_worker()
-        except WorkerError as error:
-            log.error("The generator worker did not start (retried for the next job): %s", error)
+            worker = await self._ensure_worker()
+            await self._wait_for_models(worker)
+        except BaseException:
+            if self._worker is not None:
+                await self._worker.shutdown()
+                self._worker = None
+            raise
         self._task = asyncio.create_task(self._dispatch_forever(), name="imagine-dispatcher")
         return recovered
+
+    async def wait_warmed_up(self, timeout: float) -> bool:
+        """Wait until the start-up speed measurement is over; return False after ``timeout`` s.
+
+        From then on :meth:`eta_seconds` has a figure, unless the warm-up failed (logged).
+        """
+        try:
+            await asyncio.wait_for(self._warmed_up.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     def wake(self) -> None:
         """Tell the dispatcher that a job was enqueued."""
@@ -262,19 +333,22 @@ class Executor:
         """Estimate the seconds until ``job_id`` is finished, or None without a measurement.
 
         The estimate adds the iterations left of the running job and of every job before
-        ``job_id`` and divides by the last measured speed, so it is rough when sizes differ.
+        ``job_id``, each weighted by :func:`iteration_cost` of its size and cutouts and
+        scaled by the speed measured at start or on the last job. It is rough: the cost
+        model's weights come from one CPU, and other load on the machine changes the speed.
         """
-        if not self._rate:
+        if not self._seconds_per_cost:
             return None
-        remaining = 0
+        seconds = 0.0
         for job in await self._store.queue(limit=self._settings.max_queue + 1):
             if self._current is not None and job.id == self._current.id:
                 done = self._current_iteration
             else:
                 done = job.saved_iteration or 0
-            remaining += max(0, job.iterations - done)
+            remaining = max(0, job.iterations - done)
+            seconds += remaining * iteration_cost(job.request) * self._seconds_per_cost
             if job.id == job_id:
-                return remaining / self._rate
+                return seconds
         return None
 
     async def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
@@ -320,6 +394,12 @@ class Executor:
             await self._redeliver()
         except Exception:  # a failed redelivery must not keep the queue from running
             log.exception("Posting the pictures of the last run failed")
+        try:
+            await self._calibrate()
+        except WorkerError as error:
+            log.warning("The warm-up did not finish (%s); estimates wait for the first job", error)
+        finally:
+            self._warmed_up.set()
         delay = 1.0
         while not self._stopping:
             try:
@@ -441,6 +521,7 @@ class Executor:
         self._current_iteration = message["iteration"]
         if message["iterations_per_s"]:
             self._rate = message["iterations_per_s"]
+            self._seconds_per_cost = 1.0 / (self._rate * iteration_cost(job.request))
 
         # A job cancelled through the store alone still stops here.
         if not worker.cancel_event.is_set():
@@ -473,6 +554,7 @@ class Executor:
         log.info("Job %d done in %.1f s", job.id, message["duration_s"])
         if self._rate:
             await self._store.set_meta(RATE_META_KEY, self._rate)
+            await self._save_calibration()
         await self._emit("job_finished", done, message["png"], message["duration_s"])
         await self._store.mark_delivered(job.id)
         return True
@@ -556,11 +638,79 @@ class Executor:
                     f"The worker exited with code {worker.process.exitcode} while starting."
                 )
             if message["type"] == "fatal":
-                raise WorkerError(message["message"])
+                available = ", ".join(message.get("available") or ["cpu"])
+                raise DeviceUnavailable(
+                    f"IMAGINE_DEVICE={self._settings.device!r} cannot be used: "
+                    f"{message['message']} Devices on this machine: {available}."
+                )
             self._note_worker_status(message)
             if message["type"] == "device":
                 log.info("The generator worker uses %s", self._device)
                 return
+
+    async def _wait_for_models(self, worker: _WorkerHandle) -> None:
+        """Wait until the worker has loaded the configured models; raise if it could not."""
+        settings = self._settings
+        log.info(
+            "Loading the models; registered ones missing from %s are downloaded first",
+            settings.models_dir,
+        )
+        while True:
+            message = await self._next_status(worker, "loading the models")
+            if message["type"] == "ready":
+                return
+            if message["type"] == "models_failed":
+                raise ModelsUnavailable(f"The models could not be loaded: {message['message']}")
+
+    async def _calibrate(self) -> None:
+        """Take the stored speed for this device and these models, or time a warm-up."""
+        stored = await self._store.get_meta(CALIBRATION_META_KEY)
+        if isinstance(stored, dict) and stored.get("setup") == self._calibration_setup():
+            self._seconds_per_cost = float(stored["seconds_per_cost"])
+            return
+        worker = self._worker
+        if worker is None or self._stopping:
+            return
+
+        log.info("Timing a warm-up generation for the queue estimates")
+        worker.send({"type": "measure"})
+        while (message := await self._next_status(worker, "its warm-up"))["type"] != "speed":
+            continue
+        seconds = message["seconds_per_iteration"]
+        if not seconds:
+            if not self._stopping:
+                log.warning("No warm-up timing; queue estimates wait for the first job")
+            return
+        self._rate = 1.0 / seconds
+        self._seconds_per_cost = seconds / iteration_cost(message)
+        await self._save_calibration()
+
+    async def _next_status(self, worker: _WorkerHandle, doing: str) -> dict[str, Any]:
+        """Return the worker's next message, noting status ones; raise if the worker exited."""
+        message = await worker.receive()
+        if message is None:
+            await asyncio.to_thread(worker.process.join, WORKER_EXIT_TIMEOUT_S)
+            raise WorkerError(
+                f"The generator worker (pid {worker.pid}) exited with code "
+                f"{worker.process.exitcode} while {doing}; its log lines above say why."
+            )
+        self._note_worker_status(message)
+        return message
+
+    def _calibration_setup(self) -> dict[str, Any]:
+        """What a stored speed is valid for: the device, the models and the threads."""
+        settings = self._settings
+        return {
+            "device": self._device,
+            "vqgan": settings.vqgan_model,
+            "clip": list(settings.clip_models),
+            "threads": settings.threads,
+        }
+
+    async def _save_calibration(self) -> None:
+        if self._seconds_per_cost:
+            value = {"setup": self._calibration_setup(), "seconds_per_cost": self._seconds_per_cost}
+            await self._store.set_meta(CALIBRATION_META_KEY, value)
 
     async def _worker_died(self, worker: _WorkerHandle, job: Job) -> None:
         """Handle a worker that exited mid-job: requeue or fail the job, drop the worker."""

@@ -7,15 +7,20 @@ a ``failed`` message. Only a hard crash (SIGKILL, a segfault) ends the process, 
 executor starts a new one.
 
 Messages from the executor:
-    ``{"type": "run", "job_id", "request", "state_path", "resume"}`` and ``{"type": "exit"}``.
+    ``{"type": "run", "job_id", "request", "state_path", "resume"}``, ``{"type": "measure"}``
+    (time a warm-up generation, see :class:`_WarmUpClock`) and ``{"type": "exit"}``.
 The worker stops its job as for a shutdown (``stopped``) and exits when it gets SIGTERM.
 When the bot process is gone, the worker's next message fails with a broken pipe and the
 worker exits, so a bot killed with SIGKILL leaves no worker running. SIGINT is ignored,
 because the bot handles Ctrl+C for it.
 
 Messages to the executor:
-    - ``device`` (the resolved device) or ``fatal`` (no usable device; the worker exits);
-    - ``ready`` or ``models_failed`` (after loading models);
+    - ``device`` (the resolved device) or ``fatal`` (no usable device, with the ``available``
+      ones; the worker exits);
+    - ``ready`` or ``models_failed`` (after loading models; a registered model that is not in
+      the models directory yet is downloaded first);
+    - ``speed`` (the reply to ``measure``: ``seconds_per_iteration`` at ``width``×``height`` with
+      ``cutn`` cutouts, or None if the warm-up failed);
     - ``started`` (with ``resumed_at``);
     - ``progress`` (iteration, total, PNG bytes or None, ``iterations_per_s``);
     - ``state`` (a resumable state was saved at ``iteration``);
@@ -55,6 +60,18 @@ MODEL_ERROR = (
     "The bot could not load its image models, so no picture can be made right now. The bot "
     "owner can find the details in the bot's log."
 )
+# The warm-up that ``measure`` times: (width, height, cutouts) per device type, the default
+# sizes of the CPU draft and GPU presets, so the figure fits what most jobs ask for.
+WARM_UP_SIZES: dict[str, tuple[int, int, int]] = {
+    "cpu": (128, 128, 16),
+    "cuda": (256, 256, 32),
+}
+# A first iteration this long (seconds) is the measurement: its one-off costs (embedding the
+# prompt, first calls into the libraries) are small beside it. After a shorter one, the
+# iterations that follow are timed until they add up to WARM_UP_TIMED_S or WARM_UP_MAX.
+WARM_UP_LONG_FIRST_S = 4.0
+WARM_UP_TIMED_S = 0.5
+WARM_UP_MAX = 20
 OUT_OF_MEMORY = (
     "The generator ran out of memory making a {width}x{height} picture with {cutn} cutouts. "
     "Try a smaller size (for example {half_width}x{half_height}) or fewer iterations."
@@ -122,10 +139,21 @@ def _configure_logging(level: str) -> _JobLogFilter:
         logging.Formatter("%(asctime)s %(levelname)-8s %(name)s [worker job %(job)s]: %(message)s")
     )
     handler.addFilter(job_filter)
+    if level != "DEBUG":
+        handler.addFilter(_drop_root_info)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
     return job_filter
+
+
+def _drop_root_info(record: logging.LogRecord) -> bool:
+    """Keep a record unless it is below WARNING and comes from the root logger.
+
+    open_clip logs each step of building a model through the root logger at INFO, about ten
+    lines per CLIP. Our own modules log through named loggers.
+    """
+    return record.name != "root" or record.levelno >= logging.WARNING
 
 
 class _Worker:
@@ -176,7 +204,7 @@ class _Worker:
             self.device = resolve_device(self.config.device)
         except ModelError as error:
             log.error("Unusable device %r: %s", self.config.device, error)
-            self.send("fatal", message=str(error))
+            self.send("fatal", message=str(error), available=_available_devices())
             return
         self.send("device", device=str(self.device))
         # A failure is reported as models_failed, and each job tries loading again.
@@ -189,6 +217,8 @@ class _Worker:
                 break
             if message["type"] == "run":
                 self.run_job(message)
+            elif message["type"] == "measure":
+                self.send("speed", **self.measure_speed())
         log.info("The worker exits.")
 
     def load_models(self, vqgan: str, clip_models: tuple[str, ...]) -> Models:
@@ -217,6 +247,51 @@ class _Worker:
         log.info("Loaded models in %.1f s on %s", time.perf_counter() - started, self.device)
         self.send("ready", vqgan=vqgan, clip_models=list(clip_models))
         return self.models
+
+    def measure_speed(self) -> dict[str, Any]:
+        """Time a warm-up generation with the configured models; return the ``speed`` fields.
+
+        ``seconds_per_iteration`` is None when the warm-up failed or was stopped; the
+        failure is logged and the worker goes on.
+        """
+        from generator import GenerationCancelled, GenerationRequest, Prompt, generate
+
+        width, height, cutn = WARM_UP_SIZES.get(self.device.type, WARM_UP_SIZES["cuda"])
+        fields: dict[str, Any] = {"width": width, "height": height, "cutn": cutn}
+        request = GenerationRequest(
+            prompts=[Prompt("a warm-up picture")],
+            seed=0,
+            width=width,
+            height=height,
+            iterations=WARM_UP_MAX,
+            cutn=cutn,
+            vqgan=self.config.vqgan,
+            clip=tuple(self.config.clip_models),
+        )
+        clock = _WarmUpClock(self)
+        try:
+            generate(
+                request,
+                progress=clock.tick,
+                cancel=clock,
+                models=self.load_models(request.vqgan, request.clip),
+                threads=self.config.threads,
+            )
+        except GenerationCancelled:
+            if not clock.enough():
+                log.info("The warm-up was stopped")
+                return {**fields, "seconds_per_iteration": None}
+        except Exception as error:  # a failed warm-up only costs the first estimate
+            log.warning("The warm-up generation failed: %s", error, exc_info=True)
+            return {**fields, "seconds_per_iteration": None}
+        finally:
+            self.free_memory()
+
+        seconds = clock.seconds_per_iteration()
+        log.info(
+            "Warm-up: %.2f s per iteration at %dx%d with %d cutouts", seconds, width, height, cutn
+        )
+        return {**fields, "seconds_per_iteration": seconds}
 
     def run_job(self, message: dict[str, Any]) -> None:
         """Run one job and send exactly one final message for it."""
@@ -311,6 +386,40 @@ class _Worker:
             torch.cuda.empty_cache()
 
 
+class _WarmUpClock:
+    """Times warm-up iterations and says, as the warm-up's ``cancel``, when it has enough.
+
+    The first iteration is the measurement when it takes ``WARM_UP_LONG_FIRST_S`` or more
+    (the real models on a CPU: one iteration of about 8 s on 2 cores). Otherwise (a GPU,
+    tiny models) it carries one-off costs, such as kernel selection, that would dominate, so
+    the iterations after it are timed until they add up to ``WARM_UP_TIMED_S``.
+    """
+
+    def __init__(self, worker: _Worker) -> None:
+        self._worker = worker
+        self.times: list[float] = [time.perf_counter()]
+
+    def tick(self, progress: Progress) -> None:
+        self.times.append(time.perf_counter())
+
+    def enough(self) -> bool:
+        done = len(self.times) - 1
+        if done == 0:
+            return False
+        if self.times[1] - self.times[0] >= WARM_UP_LONG_FIRST_S:
+            return True
+        return done >= 2 and (self.times[-1] - self.times[1] >= WARM_UP_TIMED_S)
+
+    def is_set(self) -> bool:
+        return self.enough() or self._worker.cancel_event.is_set() or self._worker.should_stop()
+
+    def seconds_per_iteration(self) -> float:
+        """Return the measured seconds per iteration; call once ``enough()`` or all ran."""
+        if len(self.times) == 2:
+            return self.times[1] - self.times[0]
+        return (self.times[-1] - self.times[1]) / (len(self.times) - 2)
+
+
 class _ProgressReporter:
     """The ``progress`` callback: forwards pictures, the last iteration, and a heartbeat."""
 
@@ -342,6 +451,16 @@ class _ProgressReporter:
             png=png,
             iterations_per_s=rate,
         )
+
+
+def _available_devices() -> list[str]:
+    """Return the devices this machine offers, as IMAGINE_DEVICE spells them."""
+    import torch
+
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    return devices
 
 
 def _encode_png(image: Any) -> bytes:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -17,7 +19,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from bot.executor import Executor
+from bot.executor import Executor, ModelsUnavailable
 from bot.jobs import Job
 from bot.settings import Settings
 from bot.store import JobStore, NewJob
@@ -393,3 +395,63 @@ def test_real_allocation_failure_counts_as_out_of_memory():
     message = _oom_message(GenerationRequest([Prompt("x")], seed=1, width=512, height=384))
     assert "512x384" in message
     assert "256x192" in message
+
+
+# -- start-up checks and the first estimate ---------------------------------------------------
+
+
+async def test_missing_models_stop_start_and_leave_no_worker(store, settings, tmp_path):
+    missing = tmp_path / "nowhere" / "vqgan.ckpt"
+    executor = Executor(store, settings.replace(vqgan_model=str(missing)), RecordingEvents())
+
+    with pytest.raises(ModelsUnavailable) as raised:
+        await executor.start()
+
+    assert str(raised.value).startswith(
+        f"The models could not be loaded: VQGAN checkpoint not found: {missing}"
+    )
+    assert multiprocessing.active_children() == []
+    await executor.stop()
+
+
+async def test_first_estimate_comes_from_warm_up(store, settings, tiny_models, caplog):
+    """Before any job ran, the queue estimate is this machine's speed with these models."""
+    caplog.set_level(logging.INFO, logger="bot.executor")
+    events = RecordingEvents()
+    executor = Executor(store, settings, events)
+    await executor.start()
+    try:
+        assert await executor.wait_warmed_up(60)
+        assert "Timing a warm-up generation" in caplog.text
+
+        # Stored without waking the dispatcher, so the estimate is made with nothing measured
+        # but the warm-up.
+        new = NewJob(GUILD, 10, 1, "a red circle", request(tiny_models, iterations=40))
+        job, _ = await store.enqueue(new, per_user_limit=10, queue_limit=100)
+        estimate = await executor.eta_seconds(job.id)
+        assert estimate is not None
+
+        started = time.monotonic()
+        executor.wake()
+        assert (await events.wait_final(job.id)).kind == "finished"
+        actual = time.monotonic() - started
+    finally:
+        await executor.stop(timeout=20)
+    print(f"\nestimated {estimate:.2f} s, took {actual:.2f} s")
+    # Right to within an order of magnitude. An estimate from real-model CPU timings gives
+    # about 25 times the actual time for this size.
+    assert actual / 10 < estimate < actual * 10
+
+    # The next start on the same device with the same models takes the stored speed.
+    caplog.clear()
+    restarted = Executor(store, settings, events)
+    await restarted.start()
+    try:
+        assert await restarted.wait_warmed_up(5)
+        assert await restarted.eta_seconds(job.id) is None  # finished, so not in the queue
+        assert "Timing a warm-up generation" not in caplog.text
+        again = NewJob(GUILD, 10, 1, "a red circle", request(tiny_models, iterations=40))
+        queued, _ = await store.enqueue(again, per_user_limit=10, queue_limit=100)
+        assert await restarted.eta_seconds(queued.id) is not None
+    finally:
+        await restarted.stop(timeout=20)
