@@ -7,6 +7,7 @@ import contextlib
 import contextvars
 import logging
 import signal
+import sqlite3
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -16,14 +17,22 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot import guild_config
-from bot.executor import Executor
+from bot.executor import Executor, WorkerError
+from bot.jobs import Job
 from bot.options import Limits
 from bot.presenter import Presenter
 from bot.settings import Settings
 from bot.store import JobStore
 from bot.views import JobButton
 
-__all__ = ["SHUTDOWN_SIGNALS", "ImagineBot", "create_bot", "on_shutdown_signals", "serve"]
+__all__ = [
+    "SHUTDOWN_SIGNALS",
+    "ImagineBot",
+    "StartupError",
+    "create_bot",
+    "on_shutdown_signals",
+    "serve",
+]
 
 log = logging.getLogger(__name__)
 
@@ -34,18 +43,25 @@ T = TypeVar("T")
 MAX_RATELIMIT_TIMEOUT = 30.0
 # The bot stops gracefully on these instead of dying: see ImagineBot.close.
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-# How long close() waits for a setup_hook in progress (it waits for the worker's device).
+# How long close() waits for a start-up in progress (prepare() waits for the models).
 SETUP_WAIT_TIMEOUT_S = 30.0
+
+
+class StartupError(RuntimeError):
+    """A start-up failure. The message states what is wrong and what the operator can do."""
 
 
 class ImagineBot(commands.Bot):
     """The imagine bot: slash commands in front of a persistent job queue.
 
-    ``setup_hook`` opens the store (applying migrations), starts the executor (which requeues
-    jobs a previous run left running), registers the persistent buttons, loads the cogs,
-    syncs the slash commands and updates the messages of the requeued jobs. ``close`` stops
-    the executor (requeueing the running job with its last saved state) and closes the store;
-    calling it again waits for the first call.
+    ``prepare`` opens the store (applying migrations) and starts the executor (which requeues
+    jobs a previous run left running, and waits for the worker's device and models).
+    :func:`serve` calls it before logging in, so a wrong device or missing models stop
+    start-up before any traffic to Discord. ``setup_hook`` calls it too, a no-op by then.
+    ``setup_hook`` then registers the persistent buttons, loads the cogs, syncs the slash
+    commands and updates the messages of the requeued jobs. ``close`` stops the executor
+    (requeueing the running job with its last saved state) and closes the store; calling it
+    again waits for the first call.
     """
 
     def __init__(self, settings: Settings, *, store_path: Path | None = None) -> None:
@@ -62,16 +78,52 @@ class ImagineBot(commands.Bot):
         self.store: JobStore
         self.executor: Executor
         self.presenter: Presenter = Presenter(self)
-        self._setup_started: bool = False
-        self._setup_done: asyncio.Event = asyncio.Event()
+        # Cleared while prepare() or setup_hook() opens things, which close() waits for.
+        self._setup_idle: asyncio.Event = asyncio.Event()
+        self._setup_idle.set()
         self._shutdown: asyncio.Task[None] | None = None
+        self._recovered: list[Job] | None = None
+
+    async def prepare(self) -> None:
+        """Open the store and start the executor, once; later calls return at once.
+
+        Raises:
+            StartupError: the database cannot be opened, ``IMAGINE_DEVICE`` names a device
+                this machine lacks, the models cannot be loaded, or the generator worker
+                does not start. ``close()`` still cleans up what was opened.
+        """
+        self._setup_idle.clear()
+        try:
+            await self._prepare()
+        finally:
+            self._setup_idle.set()
+
+    async def _prepare(self) -> None:
+        if self._recovered is not None:
+            return
+        self.store = await self._open_store()
+        self.executor = Executor(self.store, self.settings, self.presenter)
+        try:
+            self._recovered = await run_detached(self.executor.start())
+        except WorkerError as error:
+            raise StartupError(str(error)) from error
+
+    async def _open_store(self) -> JobStore:
+        try:
+            return await JobStore.open(self.store_path)
+        except (OSError, sqlite3.Error) as error:
+            raise StartupError(
+                f"Cannot open the database {self.store_path} (IMAGINE_DATA_DIR="
+                f"{str(self.settings.data_dir)!r}): {error}. Point IMAGINE_DATA_DIR at a "
+                "directory the bot may create and write."
+            ) from error
 
     async def setup_hook(self) -> None:
-        self._setup_started = True
+        self._setup_idle.clear()
         try:
-            self.store = await JobStore.open(self.store_path)
-            self.executor = Executor(self.store, self.settings, self.presenter)
-            recovered = await run_detached(self.executor.start())
+            await self._prepare()
+            assert self._recovered is not None
+            recovered, self._recovered = self._recovered, []
 
             self.add_dynamic_items(JobButton)
             await self._load_cogs()
@@ -80,7 +132,7 @@ class ImagineBot(commands.Bot):
             log.info("Synced %d slash commands", len(synced))
             await self.presenter.announce_recovered(recovered)
         finally:
-            self._setup_done.set()
+            self._setup_idle.set()
 
     async def _load_cogs(self) -> None:
         from bot.cogs import config, imagine, info, queue
@@ -98,10 +150,11 @@ class ImagineBot(commands.Bot):
 
     async def _close_once(self) -> None:
         started = asyncio.get_running_loop().time()
-        if self._setup_started and not self._setup_done.is_set():
-            # setup_hook is running (close() during start-up): let it finish opening things.
+        if not self._setup_idle.is_set():
+            # prepare() or setup_hook is running (close() during start-up): let it finish
+            # opening things. serve() cancels a prepare() that waits for the models.
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._setup_done.wait(), SETUP_WAIT_TIMEOUT_S)
+                await asyncio.wait_for(self._setup_idle.wait(), SETUP_WAIT_TIMEOUT_S)
         executor = getattr(self, "executor", None)
         if executor is not None:
             await executor.stop()
@@ -202,24 +255,42 @@ def on_shutdown_signals(stop: Callable[[str], None]) -> Callable[[], None]:
 
 
 async def serve(bot: ImagineBot, token: str) -> None:
-    """Run ``bot`` until it is closed or the process gets SIGTERM or SIGINT, then close it.
+    """Prepare ``bot``, log in and run until it is closed or gets SIGTERM or SIGINT.
 
-    A signal starts ``bot.close()``: the executor takes no new job, the running job is
-    requeued with its last saved state, the worker process exits and the gateway closes.
+    The store, the worker and the models are ready before the first request to Discord, so
+    a start-up problem on this machine shows without a login. A signal during that stops the
+    start-up. A later signal starts ``bot.close()``, so the executor takes no new job, the
+    running job is requeued with its last saved state, the worker process exits and the
+    gateway closes.
+
+    Raises:
+        StartupError: see :meth:`ImagineBot.prepare`.
+        discord.LoginFailure, aiohttp.ClientError, discord.ConnectionClosed, ...: logging in
+            or connecting failed in a way discord.py does not retry.
     """
-
     closing: list[asyncio.Task[None]] = []
+    preparing: asyncio.Future[None] | None = None
 
     def stop(signal_name: str) -> None:
         if closing:
             log.info("Received %s again; the shutdown is already running", signal_name)
             return
         log.info("Received %s, shutting down", signal_name)
+        if preparing is not None and not preparing.done():
+            preparing.cancel()  # for example while models download
         closing.append(asyncio.ensure_future(bot.close()))
 
     restore = on_shutdown_signals(stop)
     try:
         async with bot:
+            preparing = asyncio.ensure_future(bot.prepare())
+            try:
+                await preparing
+            except asyncio.CancelledError:
+                if not closing:
+                    raise
+                log.info("Start-up stopped")
+                return
             await bot.start(token)
     finally:
         restore()

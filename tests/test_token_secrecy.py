@@ -2,10 +2,11 @@
 
 ``python -m bot`` runs as a subprocess with a fake token and ``IMAGINE_LOG_LEVEL=DEBUG``,
 against a fake Discord API and gateway served by this test on 127.0.0.1. Each start-up fails
-in a different place: the API rejects the token, the data directory cannot be created, or the
-gateway closes the connection after IDENTIFY. The test scans everything the process wrote
-(stderr, stdout, the worker's output and tracebacks) and a second log file that a handler
-without the token filter wrote, so the check does not depend on ``TokenRedactor``.
+in a different place: the API rejects the token, the API refuses the command sync in
+``setup_hook``, or the gateway closes the connection after IDENTIFY. The test scans
+everything the process wrote (stderr, stdout, the worker's output and tracebacks) and a
+second log file that a handler without the token filter wrote, so the check does not
+depend on ``TokenRedactor``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import WSMsgType, web
 
+from bot.__main__ import TOKEN_REJECTED
 from bot.settings import Settings, SettingsError, TokenRedactor, configure_logging
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,6 +64,7 @@ class FakeDiscord:
     """A fake Discord API and gateway on 127.0.0.1 that records what the bot sent."""
 
     accept_token: bool
+    sync_status: int = 200
     port: int = 0
     authorizations: list[str] = field(default_factory=list)
     identify_tokens: list[str] = field(default_factory=list)
@@ -104,6 +107,8 @@ class FakeDiscord:
         )
 
     async def sync(self, request: web.Request) -> web.Response:
+        if self.sync_status != 200:
+            return json_reply({"message": "Missing Access", "code": 50001}, self.sync_status)
         return json_reply([])
 
     async def websocket(self, request: web.Request) -> web.WebSocketResponse:
@@ -217,23 +222,23 @@ async def test_rejected_token_not_logged(serve, tiny_models, tmp_path):
 
     assert run.returncode == 1, run.output
     assert fake.authorizations == [f"Bot {TOKEN}"]
-    assert "LoginFailure: Improper token has been passed." in run.output
+    assert f"error: {TOKEN_REJECTED}" in run.output
+    assert "Traceback" not in run.output
     assert "/users/@me with None has returned 401" in run.raw_log
     assert_no_token(run.output)
     assert_no_token(run.raw_log)
 
 
 async def test_failing_setup_hook_not_logged(serve, tiny_models, tmp_path):
-    fake = await serve(FakeDiscord(accept_token=True))
-    not_a_directory = tmp_path / "data"
-    not_a_directory.write_text("a file where the data directory should be")
+    fake = await serve(FakeDiscord(accept_token=True, sync_status=403))
 
-    run = await run_bot(fake, model_environment(tiny_models, not_a_directory), tmp_path)
+    run = await run_bot(fake, model_environment(tiny_models, tmp_path / "data"), tmp_path)
 
+    # An unexpected failure keeps its traceback, which must not hold the token either.
     assert run.returncode == 1, run.output
     assert fake.authorizations == [f"Bot {TOKEN}"]
     assert "in setup_hook" in run.output
-    assert "FileExistsError" in run.output
+    assert "Forbidden: 403 Forbidden (error code: 50001): Missing Access" in run.output
     assert "has returned 200" in run.raw_log
     assert_no_token(run.output)
     assert_no_token(run.raw_log)
@@ -251,8 +256,9 @@ async def test_gateway_rejection_not_logged(serve, tiny_models, tmp_path):
     assert "Synced 0 slash commands" in run.raw_log
     assert "has sent the IDENTIFY payload" in run.raw_log
     assert "Started generator worker pid" in run.raw_log
-    assert "ConnectionClosed" in run.output
-    assert "4004" in run.output
+    # Close code 4004: the gateway rejected the token.
+    assert f"error: {TOKEN_REJECTED}" in run.output
+    assert "Traceback" not in run.output
     assert_no_token(run.output)
     assert_no_token(run.raw_log)
 
