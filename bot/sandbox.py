@@ -2,8 +2,9 @@
 
 The sandbox builds a guild with an #imagine channel, an admin (Manage Server) and a member,
 and serves simcord's browser preview on 127.0.0.1, where anyone can type /imagine as one of
-them. Nothing reaches Discord and no token is needed. The database and any tiny models live
-in a new temporary directory, so the operator's data directory is never touched.
+them. Nothing reaches Discord and no token is needed. The database, the pictures and any
+tiny models live in a new temporary directory that is removed on exit (or in the directory
+given with ``--data-dir``, which is kept), so the operator's data directory is never touched.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -27,6 +30,8 @@ log = logging.getLogger(__name__)
 REFRESH_INTERVAL = 1.0
 # Tiny models make noise pictures at any size; larger sizes only make the sandbox slower.
 TINY_MAX_SIZE = 128
+# How long the demo request waits for the executor's start-up speed measurement (seconds).
+WARM_UP_WAIT_S = 60.0
 DEMO_PROMPT = "a lighthouse at dusk, oil painting --no fog --iter 30"
 
 
@@ -43,12 +48,19 @@ def real_weights_present(settings: Settings) -> bool:
 
 
 def run_sandbox(
-    settings: Settings, *, port: int | None = None, tiny: bool = False, prompt: str | None = None
+    settings: Settings,
+    *,
+    port: int | None = None,
+    tiny: bool = False,
+    prompt: str | None = None,
+    data_dir: Path | None = None,
 ) -> int:
     """Run the sandbox until the preview page is closed, Ctrl-C or SIGTERM; return 0.
 
     ``prompt`` is sent as /imagine by the admin at start (default: ``DEMO_PROMPT`` with tiny
     models, nothing otherwise). A signal closes the bot gracefully, as ``python -m bot`` does.
+    ``data_dir`` keeps the sandbox's files; without it they go to a temporary directory that
+    is removed on exit. Returns 1 after one line on stderr if the bot cannot start.
     """
     try:
         import simcord  # noqa: F401
@@ -59,13 +71,31 @@ def run_sandbox(
             "Install it with: pip install 'simcord[preview]==3.2.1'"
         )
         return 2
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_run(settings, port=port, tiny=tiny, prompt=prompt))
+    from bot.client import StartupError
+
+    workdir = Path(data_dir) if data_dir is not None else None
+    if workdir is None:
+        workdir = Path(tempfile.mkdtemp(prefix="imagine-sandbox-"))
+        note = "a temporary directory, removed on exit; keep it with --data-dir DIR"
+    else:
+        workdir.mkdir(parents=True, exist_ok=True)
+        note = "kept on exit"
+    print(f"Sandbox data in {workdir} ({note})", flush=True)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_run(settings, workdir, port=port, tiny=tiny, prompt=prompt))
+    except StartupError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        if data_dir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 
-async def _run(settings: Settings, *, port: int | None, tiny: bool, prompt: str | None) -> None:
-
+async def _run(
+    settings: Settings, workdir: Path, *, port: int | None, tiny: bool, prompt: str | None
+) -> None:
     from bot.client import on_shutdown_signals
 
     stop_requested = asyncio.Event()
@@ -76,13 +106,16 @@ async def _run(settings: Settings, *, port: int | None, tiny: bool, prompt: str 
 
     restore_signals = on_shutdown_signals(stop)
     try:
-        await _run_bot(settings, port=port, tiny=tiny, prompt=prompt, stop_requested=stop_requested)
+        await _run_bot(
+            settings, workdir, port=port, tiny=tiny, prompt=prompt, stop_requested=stop_requested
+        )
     finally:
         restore_signals()
 
 
 async def _run_bot(
     settings: Settings,
+    workdir: Path,
     *,
     port: int | None,
     tiny: bool,
@@ -93,11 +126,9 @@ async def _run_bot(
 
     from bot.client import create_bot
 
-    workdir = Path(tempfile.mkdtemp(prefix="imagine-sandbox-"))
     tiny = tiny or not real_weights_present(settings)
     settings = await _sandbox_settings(settings, workdir, tiny)
     bot = create_bot(settings)
-    print(f"Sandbox data in {workdir}", flush=True)
 
     # Errors the bot handles are logged; the sandbox does not fail on them as a test would.
     async with simcord.run(bot, check_errors=False) as env:
@@ -115,16 +146,33 @@ async def _run_bot(
                 # Tiny models finish in seconds, so the page opens on a finished example.
                 prompt = DEMO_PROMPT
             if prompt is not None:
+                # Measured speed first, so the demo's "Queued ... about N min" fits this machine.
+                await bot.executor.wait_warmed_up(WARM_UP_WAIT_S)
                 await ada.slash(channel, "imagine", prompt=prompt)
 
             preview = env.preview(channel, viewers=[ada, bob], layout="channel", port=port)
             async with preview:
-                print(f"Sandbox ready: open {preview.url}", flush=True)
-                print("Type /imagine in the page; press Ctrl-C here to stop.", flush=True)
+                print(ready_text(preview.url, prompt), flush=True)
                 await _refresh_until_closed(preview, stop_requested)
         finally:
             await bot.close()
             log.info("Sandbox closed")
+
+
+def ready_text(url: str, prompt: str | None) -> str:
+    """Return what the sandbox prints once its page is up: the URL, set apart from the log."""
+    lines = [
+        "",
+        "Sandbox ready. Open this address in a browser, all of it: the part after # is the",
+        "page's key, and without it the page shows an empty 'Unavailable channel'.",
+        "",
+        f"    {url}",
+        "",
+    ]
+    if prompt is not None:
+        lines.append(f"Ada (admin) has asked for a first picture: /imagine prompt:{prompt}")
+    lines += ["Type /imagine in the page as Ada or Bob.", "Press Ctrl-C here to stop.", ""]
+    return "\n".join(lines)
 
 
 async def _sandbox_settings(settings: Settings, workdir: Path, tiny: bool) -> Settings:

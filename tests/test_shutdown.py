@@ -1,11 +1,12 @@
 """Graceful shutdown of the real ``python -m bot`` process on SIGTERM and SIGINT.
 
-Each test starts ``python -m bot --sandbox --tiny`` (the real bot against simcord, with tiny
-models) in a session of its own, with a long job that the sandbox's admin requests at start.
-Once the job has saved a resumable state, the test sends a signal, either to the bot process
-alone or to its whole process group, as a terminal's Ctrl-C or a service manager does. The
-process must exit with status 0 within 10 s, leaving the job queued at the front with its
-saved state on disk, and the worker process must be gone.
+Each test starts ``python -m bot --sandbox --tiny --data-dir DIR`` (the real bot against
+simcord, with tiny models, keeping its database in DIR) in a session of its own, with a long
+job that the sandbox's admin requests at start. Once the job has saved a resumable state,
+the test sends a signal, either to the bot process alone or to its whole process group, as
+a terminal's Ctrl-C or a service manager does. The process must exit with status 0 within
+10 s, leaving the job queued at the front with its saved state on disk, and the worker
+process must be gone.
 """
 
 from __future__ import annotations
@@ -52,14 +53,16 @@ def start_sandbox(tmp_path: Path) -> Sandbox:
     log_path = tmp_path / "bot.log"
     environment = {
         **os.environ,
-        "TMPDIR": str(tmp_path),  # the sandbox's data directory goes there
         "IMAGINE_THREADS": "1",
         "IMAGINE_LOG_LEVEL": "INFO",
         "PYTHONUNBUFFERED": "1",
     }
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "bot", "--sandbox", "--tiny", "--prompt", LONG_PROMPT],
+            [
+                *(sys.executable, "-m", "bot", "--sandbox", "--tiny"),
+                *("--data-dir", str(tmp_path / "data"), "--prompt", LONG_PROMPT),
+            ],
             cwd=REPOSITORY,
             env=environment,
             stdin=subprocess.DEVNULL,
