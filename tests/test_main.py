@@ -145,6 +145,42 @@ def test_unusable_data_directory_stops_before_login(tiny_models, tmp_path):
     ), message
 
 
+def test_sigterm_during_start_up_exits_cleanly(tiny_models, tmp_path):
+    """A stop while the worker still starts (or downloads models) ends start-up, no login."""
+    log_path = tmp_path / "bot.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-c", NO_LOGIN_LAUNCHER],
+            cwd=ROOT,
+            env={**bot_environment(tiny_models, tmp_path), "PYTHONUNBUFFERED": "1"},
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while (
+            match := re.search(r"Started generator worker pid (\d+)", log_path.read_text())
+        ) is None:
+            assert process.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        returncode = process.wait(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    log = log_path.read_text()
+
+    assert returncode == 0, log
+    assert "Start-up stopped" in log
+    assert LOGIN_MARKER not in log
+    assert "Traceback" not in log
+    worker = Path(f"/proc/{match[1]}")
+    assert not worker.exists() or "zombie" in (worker / "status").read_text(), log
+
+
 # -- the messages themselves ----------------------------------------------------------------
 
 
