@@ -16,10 +16,14 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import discord
 
 from bot.settings import Settings
+
+if TYPE_CHECKING:
+    from bot.client import ImagineBot
 
 __all__ = ["real_weights_present", "run_sandbox"]
 
@@ -131,32 +135,45 @@ async def _run_bot(
     bot = create_bot(settings)
 
     # Errors the bot handles are logged; the sandbox does not fail on them as a test would.
-    async with simcord.run(bot, check_errors=False) as env:
-        try:
-            guild = env.create_guild("imagine sandbox")
-            admins = guild.create_role(
-                "Admins", permissions=discord.Permissions(manage_guild=True)
-            )
-            channel = guild.create_text_channel("imagine")
-            ada = guild.add_member(
-                env.create_user("ada", global_name="Ada (admin)"), roles=[admins]
-            )
-            bob = guild.add_member(env.create_user("bob", global_name="Bob"))
-            if prompt is None and tiny:
-                # Tiny models finish in seconds, so the page opens on a finished example.
-                prompt = DEMO_PROMPT
-            if prompt is not None:
-                # Measured speed first, so the demo's "Queued ... about N min" fits this machine.
-                await bot.executor.wait_warmed_up(WARM_UP_WAIT_S)
-                await ada.slash(channel, "imagine", prompt=prompt)
+    try:
+        async with simcord.run(bot, check_errors=False) as env:
+            try:
+                await _open_page(env, bot, port, tiny, prompt, stop_requested)
+            finally:
+                await bot.close()
+    finally:
+        # A start-up failure raises from simcord.run itself, and the bot still needs closing
+        # then: its store and worker are open. A second close() waits for the first.
+        await bot.close()
+        log.info("Sandbox closed")
 
-            preview = env.preview(channel, viewers=[ada, bob], layout="channel", port=port)
-            async with preview:
-                print(ready_text(preview.url, prompt), flush=True)
-                await _refresh_until_closed(preview, stop_requested)
-        finally:
-            await bot.close()
-            log.info("Sandbox closed")
+
+async def _open_page(
+    env: Any,
+    bot: ImagineBot,
+    port: int | None,
+    tiny: bool,
+    prompt: str | None,
+    stop_requested: asyncio.Event,
+) -> None:
+    """Build the guild, send the first /imagine and serve the preview until it is closed."""
+    guild = env.create_guild("imagine sandbox")
+    admins = guild.create_role("Admins", permissions=discord.Permissions(manage_guild=True))
+    channel = guild.create_text_channel("imagine")
+    ada = guild.add_member(env.create_user("ada", global_name="Ada (admin)"), roles=[admins])
+    bob = guild.add_member(env.create_user("bob", global_name="Bob"))
+    if prompt is None and tiny:
+        # Tiny models finish in seconds, so the page opens on a finished example.
+        prompt = DEMO_PROMPT
+    if prompt is not None:
+        # Measured speed first, so the demo's "Queued ... about N min" fits this machine.
+        await bot.executor.wait_warmed_up(WARM_UP_WAIT_S)
+        await ada.slash(channel, "imagine", prompt=prompt)
+
+    preview = env.preview(channel, viewers=[ada, bob], layout="channel", port=port)
+    async with preview:
+        print(ready_text(preview.url, prompt), flush=True)
+        await _refresh_until_closed(preview, stop_requested)
 
 
 def ready_text(url: str, prompt: str | None) -> str:

@@ -276,3 +276,19 @@ def test_sandbox_prints_url_last_and_cleans_up(tmp_path):
     data_dir = Path(re.search(r"Sandbox data in (\S+)", log)[1])
     assert data_dir.parent == tmp_path
     assert not data_dir.exists(), log
+
+
+def test_sandbox_start_up_failure_is_one_line(tiny_models, tmp_path):
+    missing = tmp_path / "nowhere" / "clip.pt"
+    environment = bot_environment(
+        tiny_models, tmp_path, IMAGINE_CLIP_MODEL=f"ViT-B-32/{missing}", TMPDIR=str(tmp_path)
+    )
+    del environment["DISCORD_TOKEN"]
+    result = run(["-m", "bot", "--sandbox"], environment)
+
+    message = assert_clean_failure(result)
+    assert message.startswith(
+        f"The models could not be loaded: CLIP weights file not found: {missing}"
+    )
+    assert "Sandbox closed" in result.stderr
+    assert list(tmp_path.glob("imagine-sandbox-*")) == []
