@@ -67,6 +67,10 @@ def run_sandbox(
     is removed on exit. Returns 1 after one line on stderr if the bot cannot start.
     """
     try:
+        # The preview renders messages with linkify_it and markdown_it, which simcord
+        # imports only once it serves the page.
+        import linkify_it  # noqa: F401
+        import markdown_it  # noqa: F401
         import simcord  # noqa: F401
         from simcord.preview import Preview  # noqa: F401
     except ImportError as error:
