@@ -505,7 +505,9 @@ async def run_scenario(
         tracemalloc.start()
         before = tracemalloc.take_snapshot()
         wave = await start_wave(world, jobs_per_user, wave=2)
-        second, _ = await finish_wave(world, wave, run_jobs)
+        second, started = await finish_wave(world, wave, run_jobs)
+        # The started jobs are this function's references, not the bot's.
+        del wave, started
         gc.collect()
         after = tracemalloc.take_snapshot()
         tracemalloc.stop()
