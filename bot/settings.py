@@ -205,4 +205,13 @@ class TokenRedactor(logging.Filter):
         if self._token in message:
             record.msg = message.replace(self._token, "[token]")
             record.args = None
+
+        # Formatters reuse a record's cached exc_text, so masking it here also masks the
+        # traceback that every handler prints.
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text and self._token in record.exc_text:
+            record.exc_text = record.exc_text.replace(self._token, "[token]")
+        if record.stack_info and self._token in record.stack_info:
+            record.stack_info = record.stack_info.replace(self._token, "[token]")
         return True

@@ -298,12 +298,6 @@ def test_settings_errors_hide_token():
         assert_no_token(repr(raised.value))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="TokenRedactor rewrites record.msg only; a traceback in exc_info is formatted "
-    "unfiltered. Masking the formatted output (e.g. a Formatter that replaces the token "
-    "in format()) would close this.",
-)
 def test_redactor_masks_token_in_traceback(tmp_path):
     log_file = tmp_path / "bot.log"
     handler = logging.FileHandler(log_file)
