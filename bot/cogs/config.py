@@ -88,10 +88,30 @@ class ConfigCog(
             await interaction.response.send_message(self._with_allowed(key, error), ephemeral=True)
             return
         name = key.strip().lower()
+        unknown = self._unknown_channels(interaction, name, parsed)
+        if unknown:
+            await interaction.response.send_message(
+                f"{unknown} is not a channel of this server, so /imagine would work nowhere. "
+                "Mention channels of this server with #, e.g. `/config set allowed_channels "
+                "#art #bots`.",
+                ephemeral=True,
+            )
+            return
         old = await self.bot.store.set_guild_setting(interaction.guild_id, name, parsed)
         self._log_change(interaction, name, old, parsed)
         shown = guild_config.format_value(name, parsed)
         await interaction.response.send_message(f"**{name}** is now {shown}.", ephemeral=True)
+
+    @staticmethod
+    def _unknown_channels(
+        interaction: discord.Interaction[ImagineBot], name: str, value: Any
+    ) -> str:
+        """Return the mentions of ``allowed_channels`` entries the guild does not have."""
+        if name != "allowed_channels" or interaction.guild is None:
+            return ""
+        missing = [f"<#{channel_id}>" for channel_id in value
+                   if interaction.guild.get_channel_or_thread(channel_id) is None]
+        return ", ".join(missing)
 
     @app_commands.command(name="reset")
     @app_commands.describe(key="The setting to return to its default")
