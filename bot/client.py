@@ -200,6 +200,10 @@ class ImagineBot(commands.Bot):
     ) -> None:
         """Log an unexpected command failure and tell the user in one sentence."""
         command = interaction.command.qualified_name if interaction.command else "?"
+        if isinstance(error, app_commands.CheckFailure) and interaction.response.is_done():
+            # The check has already told the user why; this is no failure of the bot.
+            log.info("/%s rejected for user %d: %s", command, interaction.user.id, error)
+            return
         log.error(
             "/%s failed for user %d in guild %s",
             command,

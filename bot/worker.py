@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -118,6 +119,10 @@ def worker_main(
     ``cancel_event`` stops the running job (reported as ``cancelled``); ``stop_event`` stops
     it for a shutdown (reported as ``stopped``, its last saved state kept) and ends the worker.
     """
+    # The worker never talks to Discord, so it drops the token it inherited.
+    # NOTE: /proc/<pid>/environ still shows the environment the process started with.
+    os.environ.pop("DISCORD_TOKEN", None)
+
     # Ctrl+C in a terminal reaches the whole process group. The bot's graceful stop()
     # handles it for the worker, so the worker must not die of it mid-job.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
