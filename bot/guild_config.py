@@ -153,7 +153,8 @@ CONFIG_KEYS: dict[str, ConfigKey] = {
         ConfigKey(
             "banned_words",
             "words",
-            "Comma-separated words or phrases that prompts may not contain; empty or 'none' "
+            "Comma-separated words or phrases that prompts may not contain, matched as whole "
+            "words ignoring case (banning 'war' does not ban 'warm'); empty or 'none' "
             "for no filter.",
             lambda s, cpu: [],
         ),

@@ -568,6 +568,15 @@ async def test_config_by_admin(world, caplog):
     too_big = await world.admin.slash(world.channel, "config set", key="default_size", value="999")
     assert "from 32 to 64 pixels" in too_big.response.content
 
+    await world.admin.slash(world.channel, "config set", key="max_size", value="48")
+    capped = await world.admin.slash(world.channel, "config set", key="default_size", value="64")
+    assert capped.response.content.startswith("**default_size** is now 64 pixels.")
+    assert "**max_size** is 48, so pictures use 48" in capped.response.content
+    await world.admin.slash(world.channel, "config reset", key="max_size")
+    await world.bot.store.set_guild_setting(
+        world.guild.id, "default_size", TINY_CONFIG["default_size"]
+    )
+
     reset = await world.admin.slash(world.channel, "config reset", key="cutn")
     assert reset.response.content == "**cutn** is back to its default, 16."
     assert "changed cutn from 3 to 16" in caplog.text

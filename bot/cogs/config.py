@@ -100,7 +100,27 @@ class ConfigCog(
         old = await self.bot.store.set_guild_setting(interaction.guild_id, name, parsed)
         self._log_change(interaction, name, old, parsed)
         shown = guild_config.format_value(name, parsed)
-        await interaction.response.send_message(f"**{name}** is now {shown}.", ephemeral=True)
+        note = await self._capped_default_note(interaction.guild_id)
+        await interaction.response.send_message(
+            f"**{name}** is now {shown}.{note}", ephemeral=True
+        )
+
+    async def _capped_default_note(self, guild_id: int) -> str:
+        """Return a note for each stored default that this server's own maximum holds down."""
+        stored = await self.bot.store.guild_settings(guild_id)
+        config = await self.bot.guild_config(guild_id)
+        notes = []
+        for default, maximum in (
+            ("default_size", "max_size"),
+            ("default_iterations", "max_iterations"),
+        ):
+            if default in stored and stored[default] > config[maximum]:
+                notes.append(
+                    f"\nNote: **{default}** is {stored[default]} but **{maximum}** is "
+                    f"{config[maximum]}, so pictures use {config[maximum]} until you raise "
+                    f"{maximum} or lower {default}."
+                )
+        return "".join(notes)
 
     @staticmethod
     def _unknown_channels(
