@@ -14,14 +14,11 @@ member's /imagine still completes.
 
 from __future__ import annotations
 
-import asyncio
 import io
 import re
 import sqlite3
 import struct
-import time
 import zlib
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,8 +30,8 @@ from PIL import Image
 
 from bot.client import ImagineBot, create_bot
 from bot.guild_config import CONFIG_KEYS
-from bot.settings import Settings
 from generator.request import RequestError
+from tests.simworld import apply_guild_config, create_admins_role, tiny_settings, wait_for
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -67,30 +64,19 @@ class World:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def world(tiny_models, tmp_path_factory):
-    settings = Settings(
-        data_dir=tmp_path_factory.mktemp("bad-input-data"),
-        vqgan_model=tiny_models.vqgan,
-        clip_models=(tiny_models.clip,),
-        device="cpu",
-        max_size=64,
-        max_iterations=5000,
-        threads=1,
-    )
+    settings = tiny_settings(tiny_models, tmp_path_factory.mktemp("bad-input-data"))
     bot = create_bot(settings)
     env = simcord.Env(bot)
     await env.start()
 
     guild = env.create_guild("Input club")
     channel = guild.create_text_channel("art")
-    admins = guild.create_role(
-        "Admins", permissions=discord.Permissions(manage_guild=True, manage_messages=True)
-    )
+    admins = create_admins_role(guild)
     role = guild.create_role("Painters")
     admin = guild.add_member(env.create_user("ada"), roles=[admins])
     alice = guild.add_member(env.create_user("alice"), roles=[role])
     bob = guild.add_member(env.create_user("bob"), roles=[role])
-    for key, value in TINY_CONFIG.items():
-        await bot.store.set_guild_setting(guild.id, key, value)
+    await apply_guild_config(bot, guild.id, TINY_CONFIG)
 
     yield World(env, bot, guild, channel, role, admin, alice, bob, str(bot.store_path))
 
@@ -107,22 +93,6 @@ async def blocker(world):
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-async def wait_for(
-    condition: Callable[[], Any | Awaitable[Any]], what: str, timeout: float = 60.0
-) -> Any:
-    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def imagine(world: World, member, prompt: str, **options) -> int:

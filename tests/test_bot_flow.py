@@ -13,7 +13,6 @@ import logging
 import re
 import statistics
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,8 +24,14 @@ from PIL import Image
 
 from bot.client import ImagineBot, create_bot
 from bot.jobs import Job
-from bot.settings import Settings
 from generator.png import read_png_metadata
+from tests.simworld import (
+    apply_guild_config,
+    cancel_leftovers,
+    create_admins_role,
+    tiny_settings,
+    wait_for,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -66,15 +71,7 @@ class World:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def world(tiny_models, tmp_path_factory):
-    settings = Settings(
-        data_dir=tmp_path_factory.mktemp("bot-data"),
-        vqgan_model=tiny_models.vqgan,
-        clip_models=(tiny_models.clip,),
-        device="cpu",
-        max_size=64,
-        max_iterations=5000,
-        threads=1,
-    )
+    settings = tiny_settings(tiny_models, tmp_path_factory.mktemp("bot-data"))
     bot = create_bot(settings)
     env = simcord.Env(bot)
     await env.start()
@@ -82,14 +79,11 @@ async def world(tiny_models, tmp_path_factory):
     guild = env.create_guild("Art club")
     channel = guild.create_text_channel("art")
     other_channel = guild.create_text_channel("chat")
-    admins = guild.create_role(
-        "Admins", permissions=discord.Permissions(manage_guild=True, manage_messages=True)
-    )
+    admins = create_admins_role(guild)
     admin = guild.add_member(env.create_user("ada"), roles=[admins])
     alice = guild.add_member(env.create_user("alice"))
     bob = guild.add_member(env.create_user("bob"))
-    for key, value in TINY_CONFIG.items():
-        await bot.store.set_guild_setting(guild.id, key, value)
+    await apply_guild_config(bot, guild.id, TINY_CONFIG)
 
     state = World(env, bot, guild, channel, other_channel, admin, alice, bob)
 
@@ -108,32 +102,12 @@ async def clean_slate(world):
     """Fail a test that leaves unexpected bot errors or active jobs behind."""
     world.error_cursor = world.env.error_cursor
     yield
-    leftovers = await world.bot.store.queue()
-    for job in leftovers:
-        await world.bot.store.cancel(job.id, 0, admin=True, guild_id=job.guild_id)
-        await world.bot.executor.cancel(job.id)
-    await wait_for(lambda: world.bot.executor.info().busy_job_id is None, "executor idle")
+    leftovers = await cancel_leftovers(world.bot)
     assert leftovers == []
     assert world.env.errors_since(world.error_cursor) == ()
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-async def wait_for(
-    condition: Callable[[], Any | Awaitable[Any]], what: str, timeout: float = 60.0
-) -> Any:
-    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def queued_job_id(result: simcord.InteractionResult) -> int:

@@ -7,35 +7,20 @@ same file with ``env.restart_bot``.
 
 from __future__ import annotations
 
-import asyncio
 import re
-import time
 
 import discord
 import pytest
 import simcord
 
 from bot.client import create_bot
-from bot.settings import Settings
 from bot.store import JobStore
+from tests.simworld import apply_guild_config, tiny_settings, wait_for
 
 pytestmark = pytest.mark.asyncio
 
 TINY_CONFIG = {"cutn": 2, "default_iterations": 4, "default_size": 32, "progress_interval": 2}
 QUEUED_RE = re.compile(r"Queued as #(\d+), position \d+, about \d+ min\.")
-
-
-async def wait_for(condition, what: str, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def imagine(member, channel, prompt: str) -> int:
@@ -62,15 +47,7 @@ def edits_of(env: simcord.Env, message_id: int) -> list[str]:
 
 
 async def test_restart_resumes_jobs_and_keeps_buttons(tiny_models, tmp_path):
-    settings = Settings(
-        data_dir=tmp_path,
-        vqgan_model=tiny_models.vqgan,
-        clip_models=(tiny_models.clip,),
-        device="cpu",
-        max_size=64,
-        max_iterations=5000,
-        threads=1,
-    )
+    settings = tiny_settings(tiny_models, tmp_path)
     first_bot = create_bot(settings)
     env = simcord.Env(first_bot)
     await env.start()
@@ -82,8 +59,7 @@ async def test_restart_resumes_jobs_and_keeps_buttons(tiny_models, tmp_path):
         admin = guild.add_member(env.create_user("ada"), roles=[admins])
         alice = guild.add_member(env.create_user("alice"))
         bob = guild.add_member(env.create_user("bob"))
-        for key, value in TINY_CONFIG.items():
-            await first_bot.store.set_guild_setting(guild.id, key, value)
+        await apply_guild_config(first_bot, guild.id, TINY_CONFIG)
 
         # A finished picture, a running job with saved states and a queued job.
         finished = await imagine(alice, channel, "a quiet pond")

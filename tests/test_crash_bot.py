@@ -14,7 +14,6 @@ import asyncio
 import os
 import re
 import signal
-import time
 
 import discord
 import pytest
@@ -22,6 +21,8 @@ import simcord
 
 from bot.client import ImagineBot, create_bot
 from bot.settings import Settings
+from tests import simworld
+from tests.simworld import apply_guild_config, tiny_settings
 
 pytestmark = pytest.mark.asyncio
 
@@ -37,16 +38,8 @@ RESUMED_RE = re.compile(r"resumed at iteration (\d+)/(\d+)")
 
 
 async def wait_for(condition, what: str, timeout: float = 90.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.05)
+    """Call ``simworld.wait_for`` with a default timeout of 90 s instead of 60 s."""
+    return await simworld.wait_for(condition, what, timeout)
 
 
 async def crash(bot: ImagineBot) -> None:
@@ -63,15 +56,7 @@ async def crash(bot: ImagineBot) -> None:
 
 @pytest.fixture
 def settings(tiny_models, tmp_path) -> Settings:
-    return Settings(
-        data_dir=tmp_path,
-        vqgan_model=tiny_models.vqgan,
-        clip_models=(tiny_models.clip,),
-        device="cpu",
-        max_size=64,
-        max_iterations=5000,
-        threads=1,
-    )
+    return tiny_settings(tiny_models, tmp_path)
 
 
 @pytest.fixture
@@ -86,8 +71,7 @@ async def world(settings):
         channel = guild.create_text_channel("art")
         alice = guild.add_member(env.create_user("alice"))
         bob = guild.add_member(env.create_user("bob"))
-        for key, value in TINY_CONFIG.items():
-            await first.store.set_guild_setting(guild.id, key, value)
+        await apply_guild_config(first, guild.id, TINY_CONFIG)
         yield env, bots, channel, alice, bob
     finally:
         await bots[-1].close()

@@ -9,18 +9,17 @@ three times is failed with a message in its channel, and the queue goes on.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import signal
-import time
 
 import discord
 import pytest
 import simcord
 
 from bot.client import create_bot
-from bot.settings import Settings
+from tests import simworld
+from tests.simworld import apply_guild_config, tiny_settings
 
 pytestmark = pytest.mark.asyncio
 
@@ -36,29 +35,13 @@ RESUMED_RE = re.compile(r"resumed at iteration (\d+)/(\d+)")
 
 
 async def wait_for(condition, what: str, timeout: float = 90.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.05)
+    """Call ``simworld.wait_for`` with a default timeout of 90 s instead of 60 s."""
+    return await simworld.wait_for(condition, what, timeout)
 
 
 @pytest.fixture
 async def world(tiny_models, tmp_path):
-    settings = Settings(
-        data_dir=tmp_path,
-        vqgan_model=tiny_models.vqgan,
-        clip_models=(tiny_models.clip,),
-        device="cpu",
-        max_size=64,
-        max_iterations=5000,
-        threads=1,
-    )
+    settings = tiny_settings(tiny_models, tmp_path)
     bot = create_bot(settings)
     env = simcord.Env(bot)
     await env.start()
@@ -67,8 +50,7 @@ async def world(tiny_models, tmp_path):
         channel = guild.create_text_channel("art")
         alice = guild.add_member(env.create_user("alice"))
         bob = guild.add_member(env.create_user("bob"))
-        for key, value in TINY_CONFIG.items():
-            await bot.store.set_guild_setting(guild.id, key, value)
+        await apply_guild_config(bot, guild.id, TINY_CONFIG)
         yield env, bot, channel, alice, bob
     finally:
         await bot.close()

@@ -20,7 +20,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +35,13 @@ from simcord.enums import OverwriteType
 from simcord.http.client import FakeWebhookAdapter
 
 from bot.client import ImagineBot, create_bot
-from bot.settings import Settings
+from tests.simworld import (
+    apply_guild_config,
+    cancel_leftovers,
+    create_admins_role,
+    tiny_settings,
+    wait_for,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -65,15 +71,7 @@ class World:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def world(tiny_models, tmp_path_factory):
-    settings = Settings(
-        data_dir=tmp_path_factory.mktemp("faults-data"),
-        vqgan_model=tiny_models.vqgan,
-        clip_models=(tiny_models.clip,),
-        device="cpu",
-        max_size=64,
-        max_iterations=5000,
-        threads=1,
-    )
+    settings = tiny_settings(tiny_models, tmp_path_factory.mktemp("faults-data"))
     bot = create_bot(settings)
     # Retries of the final post wait 0.05 s, 0.1 s, … here instead of 2 s, 4 s, …
     bot.presenter.final_post_backoff = 0.05
@@ -82,13 +80,10 @@ async def world(tiny_models, tmp_path_factory):
 
     guild = env.create_guild("Fault club")
     channel = guild.create_text_channel("art")
-    admins = guild.create_role(
-        "Admins", permissions=discord.Permissions(manage_guild=True, manage_messages=True)
-    )
+    admins = create_admins_role(guild)
     admin = guild.add_member(env.create_user("ada"), roles=[admins])
     alice = guild.add_member(env.create_user("alice"))
-    for key, value in TINY_CONFIG.items():
-        await bot.store.set_guild_setting(guild.id, key, value)
+    await apply_guild_config(bot, guild.id, TINY_CONFIG)
 
     restore = route_detached_webhooks(env)
     yield World(env, bot, guild, channel, admin, alice)
@@ -118,31 +113,11 @@ async def clean_slate(world, caplog):
     world.error_cursor = world.env.error_cursor
     yield
     world.env.backend.faults.clear()
-    leftovers = await world.bot.store.queue()
-    for job in leftovers:
-        await world.bot.store.cancel(job.id, 0, admin=True, guild_id=job.guild_id)
-        await world.bot.executor.cancel(job.id)
-    await wait_for(lambda: world.bot.executor.info().busy_job_id is None, "executor idle")
+    leftovers = await cancel_leftovers(world.bot)
     assert leftovers == []
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-async def wait_for(
-    condition: Callable[[], Any | Awaitable[Any]], what: str, timeout: float = 60.0
-) -> Any:
-    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def wait_state(world: World, job_id: int, *states: str, timeout: float = 60.0):

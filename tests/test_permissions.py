@@ -17,8 +17,7 @@ import contextlib
 import logging
 import re
 import sqlite3
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,8 +28,8 @@ import simcord
 
 from bot.client import ImagineBot, create_bot
 from bot.jobs import Job
-from bot.settings import Settings
 from bot.store import JobStore, NewJob
+from tests.simworld import apply_guild_config, cancel_leftovers, tiny_settings, wait_for
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -69,15 +68,7 @@ class World:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def world(tiny_models, tmp_path_factory):
-    settings = Settings(
-        data_dir=tmp_path_factory.mktemp("permissions-data"),
-        vqgan_model=tiny_models.vqgan,
-        clip_models=(tiny_models.clip,),
-        device="cpu",
-        max_size=64,
-        max_iterations=5000,
-        threads=1,
-    )
+    settings = tiny_settings(tiny_models, tmp_path_factory.mktemp("permissions-data"))
     bot = create_bot(settings)
     env = simcord.Env(bot)
     await env.start()
@@ -115,8 +106,7 @@ async def world(tiny_models, tmp_path_factory):
     # Operator settings are read at start-up; simcord assigns user ids only now.
     bot.settings = bot.settings.replace(owner_ids=frozenset({bot_owner_user.id}))
     for guild_id in (guild.id, other_guild.id):
-        for key, value in TINY_CONFIG.items():
-            await bot.store.set_guild_setting(guild_id, key, value)
+        await apply_guild_config(bot, guild_id, TINY_CONFIG)
 
     commands = await bot.tree.fetch_commands()
     config_command = next(command for command in commands if command.name == "config")
@@ -131,32 +121,12 @@ async def clean_slate(world):
     """Fail a test that leaves unexpected bot errors or active jobs behind."""
     cursor = world.env.error_cursor
     yield
-    leftovers = await world.bot.store.queue()
-    for job in leftovers:
-        await world.bot.store.cancel(job.id, 0, admin=True, guild_id=job.guild_id)
-        await world.bot.executor.cancel(job.id)
-    await wait_for(lambda: world.bot.executor.info().busy_job_id is None, "executor idle")
+    leftovers = await cancel_leftovers(world.bot)
     assert leftovers == []
     assert world.env.errors_since(cursor) == ()
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-async def wait_for(
-    condition: Callable[[], Any | Awaitable[Any]], what: str, timeout: float = 60.0
-) -> Any:
-    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def imagine(member: simcord.MemberActor, channel: simcord.ChannelHandle, prompt: str) -> int:

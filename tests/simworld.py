@@ -1,0 +1,74 @@
+"""Scaffolding shared by the simcord bot tests: settings for tiny models, guild setup, polling.
+
+Plain functions only; the fixtures that use them stay in the test modules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import discord
+import simcord
+
+from bot.client import ImagineBot
+from bot.jobs import Job
+from bot.settings import Settings
+
+if TYPE_CHECKING:
+    from generator.testing import TinyModels
+
+
+async def wait_for(
+    condition: Callable[[], Any | Awaitable[Any]], what: str, timeout: float = 60.0
+) -> Any:
+    """Poll ``condition`` until it returns something truthy, and raise after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def tiny_settings(tiny_models: TinyModels, data_dir: Path) -> Settings:
+    """Build settings that run the tiny models on one CPU thread and keep data in ``data_dir``."""
+    return Settings(
+        data_dir=data_dir,
+        vqgan_model=tiny_models.vqgan,
+        clip_models=(tiny_models.clip,),
+        device="cpu",
+        max_size=64,
+        max_iterations=5000,
+        threads=1,
+    )
+
+
+def create_admins_role(guild: simcord.GuildHandle) -> simcord.RoleHandle:
+    """Create an "Admins" role with Manage Server and Manage Messages in ``guild``."""
+    return guild.create_role(
+        "Admins", permissions=discord.Permissions(manage_guild=True, manage_messages=True)
+    )
+
+
+async def apply_guild_config(bot: ImagineBot, guild_id: int, config: Mapping[str, Any]) -> None:
+    """Store each key of ``config`` as a per-guild setting of ``guild_id``."""
+    for key, value in config.items():
+        await bot.store.set_guild_setting(guild_id, key, value)
+
+
+async def cancel_leftovers(bot: ImagineBot) -> list[Job]:
+    """Cancel every queued or running job, wait until the executor is idle, return the jobs."""
+    leftovers = await bot.store.queue()
+    for job in leftovers:
+        await bot.store.cancel(job.id, 0, admin=True, guild_id=job.guild_id)
+        await bot.executor.cancel(job.id)
+    await wait_for(lambda: bot.executor.info().busy_job_id is None, "executor idle")
+    return leftovers
