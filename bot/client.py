@@ -201,7 +201,7 @@ class ImagineBot(commands.Bot):
         """Log an unexpected command failure and tell the user in one sentence."""
         command = interaction.command.qualified_name if interaction.command else "?"
         if isinstance(error, app_commands.CheckFailure) and interaction.response.is_done():
-            # The check has already told the user why; this is no failure of the bot.
+            # The check has already sent the user the reason, so this is no failure of the bot.
             log.info("/%s rejected for user %d: %s", command, interaction.user.id, error)
             return
         log.error(

@@ -106,7 +106,7 @@ class ConfigCog(
         )
 
     async def _capped_default_note(self, guild_id: int) -> str:
-        """Return a note for each stored default that this server's own maximum holds down."""
+        """Return a note for each stored default above this server's own maximum."""
         stored = await self.bot.store.guild_settings(guild_id)
         config = await self.bot.guild_config(guild_id)
         notes = []
