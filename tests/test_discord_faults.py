@@ -304,7 +304,9 @@ async def test_delete_fault(world, caplog, mode):
 
 
 async def test_unknown_message_on_edit_reposts(world, caplog):
-    job_id = await imagine(world)
+    # Long enough that a throttled progress edit still follows the injected error on a fast,
+    # idle machine, where 30 iterations can finish within one throttle interval.
+    job_id = await imagine(world, "a stormy sea --iter 300")
     first = job_messages(world, job_id)[0]
     world.env.inject_error(
         "PATCH",
