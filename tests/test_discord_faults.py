@@ -271,7 +271,8 @@ async def test_file_upload_fault(world, caplog, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_edit_fault(world, caplog, mode):
-    job_id = await imagine(world)
+    # Long enough that throttled progress edits follow the injection on a fast, idle machine.
+    job_id = await imagine(world, "a stormy sea --iter 300")
     inject(world, "PATCH", f"/channels/{world.channel.id}/messages/*", mode)
 
     message = await final_message(world, job_id)
