@@ -1,6 +1,6 @@
 """imagine's Discord bot: slash commands, the SQLite job queue and the generator executor.
 
-``bot.Settings`` holds the operator's configuration and ``bot.create_bot(settings)`` builds the
+``bot.Settings`` contains the operator's configuration and ``bot.create_bot(settings)`` builds the
 bot for production, tests and the sandbox.
 """
 

@@ -698,7 +698,7 @@ class Executor:
         return message
 
     def _calibration_setup(self) -> dict[str, Any]:
-        """What a stored speed is valid for: the device, the models and the threads."""
+        """Return the setup a stored speed is valid for: the device, the models and the threads."""
         settings = self._settings
         return {
             "device": self._device,

@@ -102,7 +102,7 @@ class _JobLogFilter(logging.Filter):
 
 
 class _CancelCheck:
-    """What ``generate`` polls as its ``cancel``: a cancel or any reason to stop the worker."""
+    """The ``cancel`` that ``generate`` polls, set by a cancel or any reason to stop the worker."""
 
     def __init__(self, worker: _Worker) -> None:
         self._worker = worker

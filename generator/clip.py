@@ -190,7 +190,7 @@ class PatchEmbedding(nn.Module):
 
     @staticmethod
     def fits(conv: nn.Module) -> bool:
-        """Whether ``conv`` is a plain convolution over non-overlapping patches."""
+        """Return whether ``conv`` is a plain convolution over non-overlapping patches."""
         return (
             type(conv) is nn.Conv2d
             and tuple(conv.stride) == tuple(conv.kernel_size)
