@@ -16,6 +16,7 @@ import simcord
 
 from bot.client import ImagineBot
 from bot.jobs import Job
+from bot.presenter import Presenter
 from bot.settings import Settings
 
 if TYPE_CHECKING:
@@ -49,6 +50,17 @@ def tiny_settings(tiny_models: TinyModels, data_dir: Path) -> Settings:
         max_iterations=5000,
         threads=1,
     )
+
+
+def fast_progress_edits(bot: ImagineBot) -> None:
+    """Give ``bot`` a presenter whose throttles let nearly every progress frame through.
+
+    The real throttles allow one edit of a message every 2 s and five edits in a channel
+    every 5 s, and one module's tests share that channel budget. A tiny job can then end
+    before its first frame gets a turn, and a test that expects a progress edit sees none.
+    Call this before the bot starts: the executor keeps the presenter it starts with.
+    """
+    bot.presenter = Presenter(bot, edit_interval=0.05, channel_edits=1000, channel_period=1.0)
 
 
 def create_admins_role(guild: simcord.GuildHandle) -> simcord.RoleHandle:

@@ -29,6 +29,7 @@ from tests.simworld import (
     apply_guild_config,
     cancel_leftovers,
     create_admins_role,
+    fast_progress_edits,
     tiny_settings,
     wait_for,
 )
@@ -73,6 +74,7 @@ class World:
 async def world(tiny_models, tmp_path_factory):
     settings = tiny_settings(tiny_models, tmp_path_factory.mktemp("bot-data"))
     bot = create_bot(settings)
+    fast_progress_edits(bot)
     env = simcord.Env(bot)
     await env.start()
 

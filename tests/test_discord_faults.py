@@ -39,6 +39,7 @@ from tests.simworld import (
     apply_guild_config,
     cancel_leftovers,
     create_admins_role,
+    fast_progress_edits,
     tiny_settings,
     wait_for,
 )
@@ -73,6 +74,7 @@ class World:
 async def world(tiny_models, tmp_path_factory):
     settings = tiny_settings(tiny_models, tmp_path_factory.mktemp("faults-data"))
     bot = create_bot(settings)
+    fast_progress_edits(bot)
     # Retries of the final post wait 0.05 s, 0.1 s, … here instead of 2 s, 4 s, …
     bot.presenter.final_post_backoff = 0.05
     env = simcord.Env(bot)
@@ -271,8 +273,8 @@ async def test_file_upload_fault(world, caplog, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_edit_fault(world, caplog, mode):
-    # Long enough that throttled progress edits follow the injection on a fast, idle machine.
-    job_id = await imagine(world, "a stormy sea --iter 300")
+    # Long enough that progress edits follow the injection.
+    job_id = await imagine(world, "a stormy sea --iter 100")
     inject(world, "PATCH", f"/channels/{world.channel.id}/messages/*", mode)
 
     message = await final_message(world, job_id)
@@ -305,9 +307,8 @@ async def test_delete_fault(world, caplog, mode):
 
 
 async def test_unknown_message_on_edit_reposts(world, caplog):
-    # Long enough that a throttled progress edit still follows the injected error on a fast,
-    # idle machine, where 30 iterations can finish within one throttle interval.
-    job_id = await imagine(world, "a stormy sea --iter 300")
+    # Long enough that a progress edit follows the injected error.
+    job_id = await imagine(world, "a stormy sea --iter 100")
     first = job_messages(world, job_id)[0]
     world.env.inject_error(
         "PATCH",
