@@ -57,7 +57,7 @@ def fast_progress_edits(bot: ImagineBot) -> None:
 
     The real throttles allow one edit of a message every 2 s and five edits in a channel
     every 5 s, and one module's tests share that channel budget. A tiny job can then end
-    before its first frame gets a turn, and a test that expects a progress edit sees none.
+    before its first frame gets a turn, with no progress edit at all.
     Call this before the bot starts: the executor keeps the presenter it starts with.
     """
     bot.presenter = Presenter(bot, edit_interval=0.05, channel_edits=1000, channel_period=1.0)
