@@ -456,10 +456,12 @@ async def test_banned_words_and_channels(world):
     try:
         banned = await world.alice.slash(world.channel, "imagine", prompt="a red DRAGON")
         assert "'dragon'" in banned.response.content
+        assert banned.response.content.startswith("The prompt contains")
         in_negative = await world.alice.slash(
             world.channel, "imagine", prompt="a castle", negative="war"
         )
         assert "'war'" in in_negative.response.content
+        assert in_negative.response.content.startswith("The negative contains")
     finally:
         await world.admin.slash(world.channel, "config reset", key="banned_words")
 

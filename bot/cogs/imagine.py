@@ -218,11 +218,11 @@ def check_channel_and_words(
     ):
         channels = guild_config.format_value("allowed_channels", config["allowed_channels"])
         raise RequestRejected(f"/imagine is not enabled in this channel. Try {channels}.")
-    for text in (prompt, negative or ""):
+    for field, text in (("prompt", prompt), ("negative", negative or "")):
         word = guild_config.find_banned_word(config, text)
         if word is not None:
             raise RequestRejected(
-                f"The prompt contains {discord.utils.escape_markdown(word)!r}, which this "
+                f"The {field} contains {discord.utils.escape_markdown(word)!r}, which this "
                 "server does not allow. Remove it and try again."
             )
 
