@@ -213,6 +213,11 @@ CASES = [
     Case("long second part", {"prompt": "a cat | " + "dog " * 80}, (TOKENS, "`dog dog")),
     Case("long negative option", {"prompt": "a cat", "negative": "fog " * 100}, (TOKENS,)),
     Case("long --no", {"prompt": "a cat --no " + "rain " * 90}, (TOKENS,)),
+    Case("40 negatives", {"prompt": "a cat", "negative": ", ".join(f"x{n}" for n in range(40))},
+         ("41 prompts", "at most 32")),
+    # Repeats count once, so they stay under the limit of 32 prompts.
+    Case("one negative 90 times", {"prompt": "a cat", "negative": ", ".join(["fog"] * 90)},
+         outcome="queued", stored="a cat"),
     Case("long malformed weight", {"prompt": "x:" + "1." * 499}, ("is not a valid weight",)),
     # Control and zero-width characters.
     Case("NUL", {"prompt": "a cat\x00"}, ("control character U+0000",)),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bot.options import MAX_SEED, Limits, OptionsError, parse_imagine
+from bot.options import MAX_PROMPTS, MAX_SEED, Limits, OptionsError, parse_imagine
 from generator.prompts import Prompt
 
 LIMITS = Limits(default_size=256, max_size=512, default_iterations=300, max_iterations=1000)
@@ -50,6 +50,13 @@ def texts(options) -> list[tuple[str, float]]:
          {"prompts": [("a forest", 1.0), ("fog", -1.0), ("dark clouds", -1.0)]}),
         ("a forest --no fog", {"negative": "people"},
          {"prompts": [("a forest", 1.0), ("fog", -1.0), ("people", -1.0)]}),
+        # A negative given in both places, or twice, counts once.
+        ("a forest --no fog, Fog", {"negative": "fog ,people"},
+         {"prompts": [("a forest", 1.0), ("fog", -1.0), ("people", -1.0)]}),
+        # Repeated positive prompts stay: together they weight the text.
+        ("a cat | a cat", {}, {"prompts": [("a cat", 1.0), ("a cat", 1.0)]}),
+        (f"a cat --no {', '.join(f'thing {n}' for n in range(MAX_PROMPTS - 1))}", {},
+         {"prompts_count": MAX_PROMPTS}),
         ("a forest --seed 5 --no fog --iter 10", {},
          {"prompts": [("a forest", 1.0), ("fog", -1.0)], "seed": 5, "iterations": 10}),
         # Weights in both notations go through to the generator's grammar.
@@ -65,6 +72,8 @@ def test_parse_imagine_accepts(prompt, kwargs, expected):
 
     if "prompts" in expected:
         assert texts(options) == expected["prompts"]
+    if "prompts_count" in expected:
+        assert len(options.prompts) == expected["prompts_count"]
     if "seed" in expected:
         assert options.seed == expected["seed"]
     if "size" in expected:
@@ -115,6 +124,9 @@ def test_parse_imagine_accepts(prompt, kwargs, expected):
         # The negative option.
         ("a cat", {"negative": ""}, ["empty item"]),
         ("a cat", {"negative": "fog,,people"}, ["fog,,people", "empty item"]),
+        # Too many prompts, negatives included.
+        (f"a cat --no {', '.join(f'thing {n}' for n in range(MAX_PROMPTS))}", {},
+         [f"{MAX_PROMPTS + 1} prompts", f"at most {MAX_PROMPTS}"]),
     ],
 )
 def test_parse_imagine_rejects(prompt, kwargs, words):
