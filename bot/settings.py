@@ -194,24 +194,42 @@ def configure_logging(settings: Settings) -> None:
 
 
 class TokenRedactor(logging.Filter):
-    """Replace the bot token with ``[token]`` in every record a handler formats."""
+    """Replace secrets with ``[token]`` in every record a handler formats.
+
+    The secrets are the bot token and the tokens of interactions and webhooks, which
+    discord.py logs at DEBUG level in request URLs and gateway payloads. An interaction
+    token lets its holder send responses and followups as the bot for 15 minutes.
+    """
+
+    # "/webhooks/<id>/<token>" and "/interactions/<id>/<token>" in URLs, and a "token" key
+    # in a JSON payload or in a Python dict's repr.
+    _OTHER_TOKENS = re.compile(
+        r"(?P<prefix>/(?:webhooks|interactions)/\d+/|['\"]token['\"]:\s*['\"])[\w.-]+"
+    )
 
     def __init__(self, token: str) -> None:
         super().__init__()
         self._token = token
 
+    def redact(self, text: str) -> str:
+        """Return ``text`` with the bot token and any interaction or webhook token masked."""
+        if self._token in text:
+            text = text.replace(self._token, "[token]")
+        return self._OTHER_TOKENS.sub(r"\g<prefix>[token]", text)
+
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if self._token in message:
-            record.msg = message.replace(self._token, "[token]")
+        redacted = self.redact(message)
+        if redacted != message:
+            record.msg = redacted
             record.args = None
 
         # Formatters reuse a record's cached exc_text, so masking it here also masks the
         # traceback that every handler prints.
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
-        if record.exc_text and self._token in record.exc_text:
-            record.exc_text = record.exc_text.replace(self._token, "[token]")
-        if record.stack_info and self._token in record.stack_info:
-            record.stack_info = record.stack_info.replace(self._token, "[token]")
+        if record.exc_text:
+            record.exc_text = self.redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.redact(record.stack_info)
         return True

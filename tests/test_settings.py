@@ -89,3 +89,30 @@ def test_redactor_masks_token_in_log_records(caplog):
         logger.info("connecting with %s", TOKEN)
     assert TOKEN not in caplog.text
     assert "[token]" in caplog.text
+
+
+INTERACTION_TOKEN = "aW50ZXJhY3Rpb246MTIzNDU2Nzg5OmFiY2RlZg.x-Y_z"
+
+
+@pytest.mark.parametrize(
+    ("message", "kept"),
+    [
+        # discord.py's HTTP client at DEBUG level.
+        (f"POST https://discord.com/api/v10/webhooks/123/{INTERACTION_TOKEN} with None has "
+         "returned 200", "/webhooks/123/[token] with None"),
+        (f"POST https://discord.com/api/v10/interactions/456/{INTERACTION_TOKEN}/callback",
+         "/interactions/456/[token]/callback"),
+        # Its gateway at DEBUG level logs each event as a dict.
+        (f"WebSocket Event: {{'t': 'INTERACTION_CREATE', 'd': {{'token': '{INTERACTION_TOKEN}'}}}}",
+         "{'token': '[token]'}"),
+        (f'{{"type": 2, "token": "{INTERACTION_TOKEN}", "id": "7"}}', '"token": "[token]", "id"'),
+    ],
+)
+def test_redactor_masks_interaction_tokens(caplog, message, kept):
+    logger = logging.getLogger("test.redactor")
+    caplog.handler.addFilter(TokenRedactor(TOKEN))
+    with caplog.at_level(logging.DEBUG):
+        logger.debug("%s", message)
+
+    assert INTERACTION_TOKEN not in caplog.text
+    assert kept in caplog.text
