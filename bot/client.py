@@ -22,6 +22,7 @@ from bot.jobs import Job
 from bot.options import Limits
 from bot.presenter import Presenter
 from bot.settings import Settings
+from bot.start_images import remove_unused, start_images_dir
 from bot.store import JobStore
 from bot.views import JobButton
 
@@ -102,6 +103,7 @@ class ImagineBot(commands.Bot):
         if self._recovered is not None:
             return
         self.store = await self._open_store()
+        await remove_unused(self.store, start_images_dir(self.settings.data_dir))
         self.executor = Executor(self.store, self.settings, self.presenter)
         try:
             self._recovered = await run_detached(self.executor.start())

@@ -454,6 +454,22 @@ class JobStore:
         )
         return {row[0] for row in rows}
 
+    async def start_image_in_use(self, path: str) -> bool:
+        """Return whether a stored job, in any state, starts from the image at ``path``."""
+        row = await self._fetch_one(
+            "SELECT 1 FROM jobs WHERE json_extract(request, '$.init_image') = ? LIMIT 1",
+            (path,),
+        )
+        return row is not None
+
+    async def start_images_in_use(self) -> set[str]:
+        """Return the start image paths that stored jobs name."""
+        rows = await self._fetch_all(
+            "SELECT DISTINCT json_extract(request, '$.init_image') FROM jobs "
+            "WHERE json_extract(request, '$.init_image') IS NOT NULL"
+        )
+        return {row[0] for row in rows}
+
     # -- guild settings and counters ------------------------------------------------------
 
     async def guild_settings(self, guild_id: int) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import re
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import discord
@@ -24,6 +25,7 @@ from PIL import Image
 
 from bot.client import ImagineBot, create_bot
 from bot.jobs import Job
+from bot.start_images import start_images_dir
 from generator.png import read_png_metadata
 from tests.simworld import (
     apply_guild_config,
@@ -505,6 +507,43 @@ async def test_attachment_checks(world):
     job = await world.bot.store.get(job_id)
     with Image.open(job.request["init_image"]) as saved:
         assert saved.size == (40, 40)
+
+
+async def test_start_image_goes_with_last_job(world):
+    job_id = await imagine(
+        world, world.alice, "a red square --iter 4", image=("start.png", png_bytes(40))
+    )
+    message = await final_message(world, world.channel, job_id)
+    start_image = Path((await world.bot.store.get(job_id)).request["init_image"])
+
+    reproduce = await world.alice.click(message, label="Reproduce")
+    copy_id = queued_job_id(reproduce)
+    copy_message = await final_message(world, world.channel, copy_id)
+    assert (await world.bot.store.get(copy_id)).request["init_image"] == str(start_image)
+
+    # The copy still needs the file after the original is deleted.
+    deleted = await world.alice.click(message, label="Delete")
+    assert deleted.response.content == f"Deleted #{job_id}."
+    assert await asyncio.to_thread(start_image.exists)
+
+    deleted = await world.alice.click(copy_message, label="Delete")
+    assert deleted.response.content == f"Deleted #{copy_id}."
+    await wait_for(lambda: not start_image.exists(), "the start image to be deleted")
+
+
+async def test_rejected_request_keeps_no_start_image(world):
+    inputs = start_images_dir(world.bot.settings.data_dir)
+    before = set(inputs.iterdir()) if inputs.is_dir() else set()
+    channel = world.guild.create_text_channel(
+        "no-embeds", overwrites={world.bot.user: discord.PermissionOverwrite(embed_links=False)}
+    )
+
+    result = await world.alice.slash(
+        channel, "imagine", prompt="a cat", image=("start.png", png_bytes(40))
+    )
+
+    assert "I need the Embed Links permission(s) here" in result.response.content
+    await wait_for(lambda: set(inputs.iterdir()) == before, "the upload to be deleted")
 
 
 async def test_missing_permission_named(world):

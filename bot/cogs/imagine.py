@@ -3,24 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import math
 import secrets
-import uuid
 from dataclasses import replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import discord
 from discord import app_commands
 from discord.ext import commands
-from PIL import Image, UnidentifiedImageError
 
 from bot import guild_config
 from bot.jobs import Job, NewJob
 from bot.options import MAX_SEED, OptionsError, clean_text, parse_imagine
 from bot.presenter import REQUIRED_PERMISSIONS
+from bot.start_images import (
+    StartImageRejected,
+    remove_if_unused,
+    save_start_image,
+    start_images_dir,
+)
 from bot.store import QueueFull
 from generator.request import GenerationRequest, RequestError
 
@@ -31,17 +33,6 @@ __all__ = ["ImagineCog", "estimate_seconds_per_iteration", "resubmit", "setup"]
 
 log = logging.getLogger(__name__)
 
-# Largest init image accepted, in bytes and in pixels.
-MAX_INIT_IMAGE_BYTES = 8 * 1024 * 1024
-MAX_INIT_IMAGE_SIDE = 4096
-MAX_INIT_IMAGE_PIXELS = MAX_INIT_IMAGE_SIDE * MAX_INIT_IMAGE_SIDE
-IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/gif")
-# Pillow opens only these formats here: others (EPS runs Ghostscript) are never tried.
-PILLOW_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
-# Pillow refuses to open images over twice this many pixels (DecompressionBombError) before
-# decoding anything, so a small file that claims huge dimensions costs no memory. Set here
-# rather than left to Pillow's default, which is 89 megapixels.
-Image.MAX_IMAGE_PIXELS = MAX_INIT_IMAGE_PIXELS
 # Discord's limit on a message's text, in characters.
 MESSAGE_LIMIT = 2000
 # Attempts at acknowledging an interaction when Discord returns a server error. They
@@ -109,7 +100,10 @@ class ImagineCog(commands.Cog):
                 size=size,
                 iterations=iterations,
             )
-            init_image = await save_init_image(self.bot, image) if image is not None else None
+            init_image = None
+            if image is not None:
+                directory = start_images_dir(self.bot.settings.data_dir)
+                init_image = await save_start_image(image, directory)
             request = GenerationRequest(
                 prompts=list(options.prompts),
                 seed=options.seed if options.seed is not None else random_seed(),
@@ -122,7 +116,7 @@ class ImagineCog(commands.Cog):
                 init_image=init_image,
                 progress_every=config["progress_interval"],
             )
-        except (OptionsError, RequestRejected) as error:
+        except (OptionsError, RequestRejected, StartImageRejected) as error:
             log.info("Rejected /imagine of user %d: %s", interaction.user.id, error)
             await reply(interaction, str(error))
             return
@@ -236,8 +230,21 @@ async def queue_request(
     """Store the job, reply "Queued as #id" and post the job's channel message.
 
     The interaction must already be deferred. Returns the job, or None when it was rejected,
-    after an ephemeral message that gives the reason.
+    after an ephemeral message that gives the reason. A rejected request's start image is
+    deleted unless another job uses it.
     """
+    job = await _queue_checked(interaction, request, prompt, config)
+    if job is None:
+        await remove_if_unused(interaction.client.store, request.init_image)
+    return job
+
+
+async def _queue_checked(
+    interaction: discord.Interaction[ImagineBot],
+    request: GenerationRequest,
+    prompt: str,
+    config: dict[str, Any],
+) -> Job | None:
     bot = interaction.client
     missing = missing_channel_permissions(interaction)
     if missing:
@@ -309,78 +316,6 @@ def missing_channel_permissions(interaction: discord.Interaction[Any]) -> list[s
 def random_seed() -> int:
     """Return a seed for a user who left it to chance."""
     return secrets.randbelow(MAX_SEED + 1)
-
-
-async def save_init_image(bot: ImagineBot, attachment: discord.Attachment) -> str:
-    """Download, check and save an uploaded starting picture; return the saved PNG's path.
-
-    Raises:
-        RequestRejected: the file is empty, too large, not a PNG, JPEG, WebP or GIF picture,
-            over 4096×4096 pixels, or damaged.
-    """
-    if attachment.size == 0:
-        raise RequestRejected(
-            f"The image {attachment.filename!r} is an empty file. Upload the picture again."
-        )
-    if attachment.size > MAX_INIT_IMAGE_BYTES:
-        raise RequestRejected(
-            f"The image {attachment.filename!r} is {attachment.size / 2**20:.1f} MiB; the limit "
-            f"is {MAX_INIT_IMAGE_BYTES // 2**20} MiB. Upload a smaller PNG or JPEG."
-        )
-    content_type = (attachment.content_type or "").split(";")[0].strip()
-    # Files without a known type come as octet-stream: Pillow decides for those.
-    if content_type not in ("", "application/octet-stream", *IMAGE_TYPES):
-        raise RequestRejected(
-            f"{attachment.filename!r} is not a picture ({content_type}). "
-            "Upload a PNG, JPEG, WebP or GIF file."
-        )
-    try:
-        data = await attachment.read()
-    except discord.HTTPException as error:
-        log.warning("Could not download attachment %s: %s", attachment.id, error)
-        raise RequestRejected(
-            f"I could not download {attachment.filename!r}. Upload it again."
-        ) from None
-
-    # NOTE: nothing deletes these files yet, not even when their job is deleted.
-    directory = bot.settings.data_dir / "inputs"
-    path = directory / f"{uuid.uuid4().hex}.png"
-    await asyncio.to_thread(_convert_to_png, data, attachment.filename, path)
-    return str(path)
-
-
-def _convert_to_png(data: bytes, filename: str, path: Path) -> None:
-    """Decode the first frame of an uploaded picture and save it as an RGB PNG at ``path``."""
-    too_large = RequestRejected(
-        f"The image {filename!r} is over {MAX_INIT_IMAGE_SIDE}×{MAX_INIT_IMAGE_SIDE} pixels, "
-        "the most I accept. Upload a smaller picture."
-    )
-    try:
-        image = Image.open(io.BytesIO(data), formats=PILLOW_FORMATS)
-    except Image.DecompressionBombError:
-        raise too_large from None
-    except (UnidentifiedImageError, OSError, ValueError):
-        raise RequestRejected(
-            f"{filename!r} is not a picture I can read. Upload a PNG, JPEG, WebP or GIF file."
-        ) from None
-
-    with image:
-        if image.width * image.height > MAX_INIT_IMAGE_PIXELS:
-            raise RequestRejected(
-                f"The image {filename!r} is {image.width}×{image.height} pixels; the limit is "
-                f"{MAX_INIT_IMAGE_SIDE}×{MAX_INIT_IMAGE_SIDE}. Upload a smaller picture."
-            )
-        try:
-            image.seek(0)
-            rgb = image.convert("RGB")
-        except (OSError, ValueError, SyntaxError) as error:
-            log.info("Could not decode the uploaded image %r: %s", filename, error)
-            raise RequestRejected(
-                f"The image {filename!r} is damaged or cut short, so I cannot read it. "
-                "Save it again and upload the new file."
-            ) from None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rgb.save(path, "PNG")
 
 
 def estimate_seconds_per_iteration(request: dict[str, Any], cpu: bool) -> float:

@@ -13,6 +13,7 @@ from discord.ext import commands
 from bot.cogs.imagine import estimate_wait_seconds
 from bot.jobs import Job
 from bot.presenter import escape_text
+from bot.start_images import remove_if_unused
 
 if TYPE_CHECKING:
     from bot.client import ImagineBot
@@ -118,6 +119,7 @@ async def delete_job(interaction: discord.Interaction[ImagineBot], job_id: int) 
 
     await interaction.response.send_message(f"Deleted #{job.id}.", ephemeral=True)
     log.info("User %d deleted job %d of user %d", interaction.user.id, job.id, job.user_id)
+    await remove_if_unused(bot.store, job.request.get("init_image"))
     if interaction.message is not None:
         try:
             await interaction.message.delete()
