@@ -22,9 +22,10 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import os
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -126,6 +127,17 @@ class ExecutorInfo:
         return self.device == "cpu"
 
 
+@contextlib.contextmanager
+def _environment_without(name: str) -> Iterator[None]:
+    """Remove ``name`` from this process's environment, and put it back on exit."""
+    value = os.environ.pop(name, None)
+    try:
+        yield
+    finally:
+        if value is not None:
+            os.environ[name] = value
+
+
 class _WorkerHandle:
     """One worker process, its pipe, its events and the thread that reads the pipe."""
 
@@ -140,7 +152,10 @@ class _WorkerHandle:
             name="imagine-worker",
             daemon=True,
         )
-        self.process.start()
+        # The worker never talks to Discord, and a process's /proc/<pid>/environ shows the
+        # environment it started with, so the token is left out of it from the start.
+        with _environment_without("DISCORD_TOKEN"):
+            self.process.start()
         self.pid: int | None = self.process.pid
         # Only the child has the other end now, so its exit ends our reads with EOFError.
         child_connection.close()

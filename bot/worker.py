@@ -119,8 +119,8 @@ def worker_main(
     ``cancel_event`` stops the running job (reported as ``cancelled``); ``stop_event`` stops
     it for a shutdown (reported as ``stopped``, its last saved state kept) and ends the worker.
     """
-    # The worker never talks to Discord, so it drops the token it inherited.
-    # NOTE: /proc/<pid>/environ still shows the environment the process started with.
+    # The executor starts the worker without the token; a worker started another way drops
+    # it here, since the worker never talks to Discord.
     os.environ.pop("DISCORD_TOKEN", None)
 
     # Ctrl+C in a terminal reaches the whole process group. The bot's graceful stop()

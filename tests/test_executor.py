@@ -455,3 +455,19 @@ async def test_first_estimate_comes_from_warm_up(store, settings, tiny_models, c
         assert await restarted.eta_seconds(queued.id) is not None
     finally:
         await restarted.stop(timeout=20)
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux's /proc")
+async def test_worker_starts_without_token(store, settings, monkeypatch):
+    monkeypatch.setenv("DISCORD_TOKEN", "token-the-worker-must-not-see")
+    executor = Executor(store, settings, RecordingEvents())
+    await executor.start()
+    try:
+        pid = executor.info().worker_pid
+        environ = await asyncio.to_thread(Path(f"/proc/{pid}/environ").read_bytes)
+    finally:
+        await executor.stop(timeout=20)
+
+    assert b"token-the-worker-must-not-see" not in environ
+    assert b"PATH=" in environ
+    assert os.environ["DISCORD_TOKEN"] == "token-the-worker-must-not-see"
