@@ -242,6 +242,9 @@ class Executor:
         self._stopping: bool = False
         self._current: Job | None = None
         self._current_iteration: int = 0
+        # Final posts in flight. They run beside the next job, so a slow or failing Discord
+        # does not keep the device idle.
+        self._deliveries: dict[int, asyncio.Task[None]] = {}
 
         self._device: str | None = None
         self._models_loaded: bool = False
@@ -400,7 +403,26 @@ class Executor:
             remaining = deadline - asyncio.get_running_loop().time() - 2.0
             await self._worker.shutdown(max(0.5, remaining) if graceful else 0.5)
             self._worker = None
+        await self._finish_deliveries(deadline - asyncio.get_running_loop().time())
         log.info("The executor stopped")
+
+    async def _finish_deliveries(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for final posts in flight, then cancel the rest.
+
+        A cancelled post leaves its job undelivered, so the next start posts it.
+        """
+        if not self._deliveries:
+            return
+        deliveries = dict(self._deliveries)
+        _, pending = await asyncio.wait(deliveries.values(), timeout=max(0.0, timeout))
+        for job_id, task in deliveries.items():
+            if task in pending:
+                log.warning(
+                    "Job %d: its picture was not posted before shutdown; the next start posts it",
+                    job_id,
+                )
+                task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
     # -- dispatcher ---------------------------------------------------------------------
 
@@ -570,9 +592,22 @@ class Executor:
         if self._rate:
             await self._store.set_meta(RATE_META_KEY, self._rate)
             await self._save_calibration()
-        await self._emit("job_finished", done, message["png"], message["duration_s"])
-        await self._store.mark_delivered(job.id)
+        self._start_delivery(done, message["png"], message["duration_s"])
         return True
+
+    def _start_delivery(self, job: Job, png: bytes, duration_s: float) -> None:
+        """Post a finished job's picture in a task of its own, then mark the job delivered."""
+
+        async def deliver() -> None:
+            try:
+                await self._emit("job_finished", job, png, duration_s)
+                await self._store.mark_delivered(job.id)
+            except Exception:  # the next start posts an undelivered picture again
+                log.exception("Job %d: delivering the picture failed", job.id)
+
+        task = asyncio.create_task(deliver(), name=f"imagine-deliver-{job.id}")
+        self._deliveries[job.id] = task
+        task.add_done_callback(lambda _: self._deliveries.pop(job.id, None))
 
     async def _on_failed(self, worker: _WorkerHandle, job: Job, message: dict[str, Any]) -> bool:
         log.warning("Job %d failed (%s): %s", job.id, message["kind"], message["message"])

@@ -48,9 +48,11 @@ async def crash(bot: ImagineBot) -> None:
     pid = executor.info().worker_pid
     if pid is not None:
         os.kill(pid, signal.SIGKILL)
-    dispatcher = executor._task
-    dispatcher.cancel()
-    await asyncio.gather(dispatcher, return_exceptions=True)
+    # The dispatcher and the final posts in flight, which run in tasks of their own.
+    tasks = [executor._task, *executor._deliveries.values()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
     await bot.store.close()
 
 

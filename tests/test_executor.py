@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import multiprocessing
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -471,3 +473,71 @@ async def test_worker_starts_without_token(store, settings, monkeypatch):
     assert b"token-the-worker-must-not-see" not in environ
     assert b"PATH=" in environ
     assert os.environ["DISCORD_TOKEN"] == "token-the-worker-must-not-see"
+
+
+class HeldPostEvents(RecordingEvents):
+    """JobEvents whose final post of the first finished job waits until ``release`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.held: int | None = None
+
+    async def job_finished(self, job: Job, png: bytes, duration_s: float) -> None:
+        if self.held is None:
+            self.held = job.id
+            await self.release.wait()
+        await super().job_finished(job, png, duration_s)
+
+
+def delivered_at(settings: Settings, job_id: int) -> float | None:
+    with contextlib.closing(sqlite3.connect(settings.database_path)) as db:
+        return db.execute("SELECT delivered_at FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+
+
+async def test_slow_final_post_does_not_hold_queue(store, settings, tiny_models):
+    events = HeldPostEvents()
+    executor = Executor(store, settings, events)
+    await executor.start()
+    try:
+        first = await enqueue(store, executor, request(tiny_models), user=1)
+        second = await enqueue(store, executor, request(tiny_models), user=2)
+
+        # The second job runs and is posted while the first one's post still waits.
+        await events.wait_final(second.id)
+        assert events.held == first.id
+        assert events.of(first.id, "finished") == []
+        assert await asyncio.to_thread(delivered_at, settings, first.id) is None
+
+        events.release.set()
+        await events.wait_final(first.id)
+    finally:
+        await executor.stop(timeout=20)
+
+    assert await asyncio.to_thread(delivered_at, settings, first.id) is not None
+
+
+async def test_stop_leaves_stuck_post_to_next_start(store, settings, tiny_models):
+    events = HeldPostEvents()
+    executor = Executor(store, settings, events)
+    await executor.start()
+    job = await enqueue(store, executor, request(tiny_models))
+    await events.wait_for(lambda: events.held == job.id)
+
+    started = time.monotonic()
+    await executor.stop(timeout=5)
+    stop_seconds = time.monotonic() - started
+
+    assert stop_seconds < 8
+    assert await asyncio.to_thread(delivered_at, settings, job.id) is None
+
+    replay = RecordingEvents()
+    restarted = Executor(store, settings, replay)
+    await restarted.start()
+    try:
+        posted = await replay.wait_final(job.id)
+    finally:
+        await restarted.stop(timeout=20)
+
+    assert posted.kind == "finished"
+    assert await asyncio.to_thread(delivered_at, settings, job.id) is not None
