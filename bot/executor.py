@@ -107,7 +107,8 @@ class ExecutorInfo:
 
     ``device`` is the torch device the worker resolved (``settings.device`` until it has).
     ``iterations_per_s`` is measured on the last job that ran, or on the warm-up at start
-    (None before either). It depends on the size and cutouts measured.
+    (None before either). It depends on the size and cutouts measured. ``posting_job_ids``
+    are the finished jobs whose picture is being posted.
     """
 
     device: str
@@ -120,6 +121,7 @@ class ExecutorInfo:
     busy_iteration: int | None
     worker_pid: int | None
     worker_restarts: int
+    posting_job_ids: frozenset[int] = frozenset()
 
     @property
     def is_cpu(self) -> bool:
@@ -345,6 +347,7 @@ class Executor:
             busy_iteration=None if self._current is None else self._current_iteration,
             worker_pid=worker.pid if worker is not None and worker.alive() else None,
             worker_restarts=self._restarts,
+            posting_job_ids=frozenset(self._deliveries),
         )
 
     async def eta_seconds(self, job_id: int) -> float | None:

@@ -47,7 +47,7 @@ def tiny_settings(tiny_models: TinyModels, data_dir: Path) -> Settings:
         clip_models=(tiny_models.clip,),
         device="cpu",
         max_size=64,
-        max_iterations=5000,
+        max_iterations=100_000,
         threads=1,
     )
 

@@ -47,7 +47,7 @@ TINY_CONFIG = {
     "max_jobs_per_user": 10,
 }
 # Long enough to still be running while a test looks at it; always cancelled by the test.
-BLOCKER = "a slow lighthouse --iter 3000"
+BLOCKER = "a slow lighthouse --iter 100000"
 DEFERRED_CHANNEL_MESSAGE = 5
 QUEUED_RE = re.compile(r"Queued as #(\d+), position (\d+), about (\d+) min\.")
 
@@ -141,7 +141,13 @@ async def final_message(world: World, channel: simcord.ChannelHandle, job_id: in
                 return message
         return None
 
-    return await wait_for(posted, f"the picture of job {job_id}")
+    message = await wait_for(posted, f"the picture of job {job_id}")
+    # The progress message goes after the picture is posted.
+    await wait_for(
+        lambda: job_id not in world.bot.executor.info().posting_job_ids,
+        f"the final post of job {job_id} to finish",
+    )
+    return message
 
 
 async def imagine(world: World, member, prompt: str, channel=None, **options) -> int:
@@ -434,7 +440,7 @@ async def test_per_user_limit(world):
 @pytest.mark.parametrize(
     ("options", "expected"),
     [
-        ({"prompt": "a cat --iter 9000"}, "9000 iterations is out of range"),
+        ({"prompt": "a cat --iter 200000"}, "200000 iterations is out of range"),
         ({"prompt": "a cat", "size": 1000}, "The size 1000 is out of range"),
         ({"prompt": "a cat --seed 1", "seed": 2}, "The seed is given 2 times"),
         ({"prompt": "a cat --stylize 5"}, "--stylize"),

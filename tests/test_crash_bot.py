@@ -151,6 +151,7 @@ async def test_crash_mid_job_resumes(world, settings):
     for job_id in (finished, running, *waiting):
         await wait_for(lambda job_id=job_id: final_messages(channel, job_id), f"job {job_id}")
         assert len(final_messages(channel, job_id)) == 1, f"job {job_id}"
+    await wait_for(lambda: not second.executor.info().posting_job_ids, "the final posts")
     assert await second.store.undelivered() == []
 
     # A button of a message the crashed bot posted works with the new one.

@@ -127,7 +127,8 @@ async def test_worker_sigkill_resumes_job(world):
     assert job.attempts == 1
     assert bot.executor.info().worker_restarts == 1
     assert bot.executor.info().worker_pid not in (None, killed)
-    assert not (bot.executor.state_dir / f"job-{job_id}.pt").exists()
+    state_file = bot.executor.state_dir / f"job-{job_id}.pt"
+    await wait_for(lambda: not state_file.exists(), "the job's state file to be deleted")
 
     # The job's message said where it resumed, and the picture was posted once.
     resumed = [RESUMED_RE.search(text) for text in texts_about(env, job_id)]
@@ -160,10 +161,18 @@ async def test_three_worker_deaths_fail_job(world):
     assert job.attempts == 3
     assert "interrupted 3 times" in job.error
     assert "Try again" in job.error
-    message = next(m for m in channel.history() if m.id == job.message_id)
+
+    def failed_message() -> discord.Message | None:
+        for message in channel.history():
+            if message.id == job.message_id and "failed: This picture was" in message.content:
+                return message
+        return None
+
+    message = await wait_for(failed_message, "the job's message to say it failed")
     assert "failed: This picture was interrupted 3 times" in message.content
     assert message.components == []  # no Cancel button on a failed job
-    assert not (bot.executor.state_dir / f"job-{job_id}.pt").exists()
+    state_file = bot.executor.state_dir / f"job-{job_id}.pt"
+    await wait_for(lambda: not state_file.exists(), "the job's state file to be deleted")
     assert len(set(killed)) == 3
 
     await wait_state(bot, after, "done")

@@ -53,7 +53,7 @@ TINY_CONFIG = {
     "progress_interval": 2,
     "max_jobs_per_user": 10,
 }
-BLOCKER = "a slow lighthouse --iter 3000"
+BLOCKER = "a slow lighthouse --iter 100000"
 QUEUED_RE = re.compile(r"Queued as #(\d+), position (\d+), about (\d+) min\.")
 # A job long enough for the test to inject a fault after its first message is posted.
 SHORT_JOB = "a stormy sea --iter 30"
@@ -152,6 +152,11 @@ async def final_message(world: World, job_id: int, channel=None) -> discord.Mess
         return None
 
     message = await wait_for(posted, f"the picture of job {job_id}")
+    # The progress message goes after the picture is posted.
+    await wait_for(
+        lambda: job_id not in world.bot.executor.info().posting_job_ids,
+        f"the final post of job {job_id} to finish",
+    )
     assert message.attachments[0].filename == f"imagine-{job_id}.png"
     assert (await message.attachments[0].read()).startswith(b"\x89PNG")
     return message

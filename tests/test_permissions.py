@@ -41,7 +41,7 @@ TINY_CONFIG = {
     "max_jobs_per_user": 10,
 }
 # Long enough to still be running while a test looks at it; always cancelled by the test.
-BLOCKER = "a slow lighthouse --iter 3000"
+BLOCKER = "a slow lighthouse --iter 100000"
 QUEUED_RE = re.compile(r"Queued as #(\d+), position (\d+), about (\d+) min\.")
 NOT_YOURS = "Only the person who asked for picture #{id} or a server admin can {action} it."
 NOT_HERE = "There is no picture #{id} here."
@@ -311,6 +311,9 @@ async def test_cancel_permission_matrix(world):
 
 
 async def test_cancel_from_other_guild_rejected(world):
+    # The blocker keeps the job queued, so nothing but a cancel could change its row.
+    blocker = await imagine(world.bob, world.channel, BLOCKER)
+    await wait_state(world, blocker, "running")
     job_id = await imagine(world.alice, world.channel, "a queued hill")
     before = await world.bot.store.get(job_id)
 
@@ -326,6 +329,8 @@ async def test_cancel_from_other_guild_rejected(world):
     assert await world.bot.store.get(job_id) == before
 
     await world.alice.slash(world.channel, "cancel", job=job_id)
+    await world.bob.slash(world.channel, "cancel", job=blocker)
+    await wait_state(world, blocker, "cancelled")
 
 
 # -- delete ----------------------------------------------------------------------------------
