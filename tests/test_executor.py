@@ -481,11 +481,11 @@ class HeldPostEvents(RecordingEvents):
     def __init__(self) -> None:
         super().__init__()
         self.release = asyncio.Event()
-        self.held: int | None = None
+        self.held_job_id: int | None = None
 
     async def job_finished(self, job: Job, png: bytes, duration_s: float) -> None:
-        if self.held is None:
-            self.held = job.id
+        if self.held_job_id is None:
+            self.held_job_id = job.id
             await self.release.wait()
         await super().job_finished(job, png, duration_s)
 
@@ -505,7 +505,7 @@ async def test_slow_final_post_does_not_hold_queue(store, settings, tiny_models)
 
         # The second job runs and is posted while the first one's post still waits.
         await events.wait_final(second.id)
-        assert events.held == first.id
+        assert events.held_job_id == first.id
         assert events.of(first.id, "finished") == []
         assert await asyncio.to_thread(delivered_at, settings, first.id) is None
 
@@ -522,7 +522,7 @@ async def test_stop_leaves_stuck_post_to_next_start(store, settings, tiny_models
     executor = Executor(store, settings, events)
     await executor.start()
     job = await enqueue(store, executor, request(tiny_models))
-    await events.wait_for(lambda: events.held == job.id)
+    await events.wait_for(lambda: events.held_job_id == job.id)
 
     started = time.monotonic()
     await executor.stop(timeout=5)

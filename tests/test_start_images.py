@@ -55,18 +55,18 @@ async def test_remove_if_unused_deletes_orphan(store, inputs):
 
 
 async def test_remove_unused_at_start_up(store, inputs):
-    kept = [inputs / "queued.png", inputs / "done.png"]
+    in_use = [inputs / "queued.png", inputs / "done.png"]
     orphans = [inputs / "rejected.png", inputs / "deleted-job.png"]
-    for path in kept + orphans:
+    for path in in_use + orphans:
         path.write_bytes(b"png")
-    await store.enqueue(new_job(str(kept[0])), 5, 100)
-    finished, _ = await store.enqueue(new_job(str(kept[1])), 5, 100)
+    await store.enqueue(new_job(str(in_use[0])), 5, 100)
+    finished, _ = await store.enqueue(new_job(str(in_use[1])), 5, 100)
     await store.cancel(finished.id, 1, admin=False, guild_id=GUILD)
 
     removed = await remove_unused(store, inputs)
 
     assert removed == len(orphans)
-    assert all(path.exists() for path in kept)
+    assert all(path.exists() for path in in_use)
     assert not any(path.exists() for path in orphans)
 
 
