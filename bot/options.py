@@ -23,10 +23,16 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 # The submodule, not the package: the bot process never imports torch.
-from generator.prompts import CLIP_CONTEXT_LENGTH, Prompt, PromptError, parse_prompts
+from generator.prompts import (
+    CLIP_CONTEXT_LENGTH,
+    Prompt,
+    PromptError,
+    check_prompt_count,
+    merge_repeated_negatives,
+    parse_prompts,
+)
 
 __all__ = [
-    "MAX_PROMPTS",
     "MAX_SEED",
     "ImagineOptions",
     "Limits",
@@ -41,9 +47,6 @@ __all__ = [
 MAX_SEED = 2**32 - 1
 # Wider ratios leave too few pixels on the short side to show anything.
 MAX_ASPECT = 4.0
-# Positive and negative prompts together. CLIP encodes each one before the job starts; the
-# number is a judgement that leaves room for real prompts, not a measured quality limit.
-MAX_PROMPTS = 32
 EXAMPLE = "/imagine prompt: a lighthouse at dusk, oil painting"
 
 # A flag of ours at the start of the prompt or after whitespace, with its value if there is
@@ -133,7 +136,7 @@ def parse_imagine(
 
     prompts = _parse_text(text)
     prompts += _parse_negative_option(negative)
-    prompts = _without_repeated_negatives(prompts)
+    prompts = merge_repeated_negatives(prompts)
     _check_prompt_count(prompts)
     _check_token_counts(prompts)
     _check_seed(seed)
@@ -278,29 +281,11 @@ def _parse_negative_option(negative: str | None) -> list[Prompt]:
     return [Prompt(item, -1.0) for item in items]
 
 
-def _without_repeated_negatives(prompts: list[Prompt]) -> list[Prompt]:
-    """Keep the first of negatives that repeat, so ``--no fog`` with ``negative: fog`` counts once.
-
-    Repeated positive prompts stay: writing one twice is a way to weight it.
-    """
-    seen: set[tuple[str, float, float]] = set()
-    unique = []
-    for prompt in prompts:
-        key = (" ".join(prompt.text.split()).casefold(), prompt.weight, prompt.stop)
-        if prompt.weight < 0 and key in seen:
-            continue
-        seen.add(key)
-        unique.append(prompt)
-    return unique
-
-
 def _check_prompt_count(prompts: list[Prompt]) -> None:
-    if len(prompts) > MAX_PROMPTS:
-        raise OptionsError(
-            f"The request has {len(prompts)} prompts, counting the negatives, but at most "
-            f"{MAX_PROMPTS} are allowed: merge or remove some, for example "
-            f"`{EXAMPLE} --no fog, people`."
-        )
+    try:
+        check_prompt_count(prompts)
+    except PromptError as error:
+        raise OptionsError(f"{error} For example: `{EXAMPLE} --no fog, people`.") from None
 
 
 def _shorten_quotes(message: str, text: str) -> str:

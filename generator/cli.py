@@ -12,7 +12,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from generator.errors import ModelError
-from generator.prompts import PromptError, check_prompt_length, parse_prompts
+from generator.prompts import (
+    PromptError,
+    check_prompt_count,
+    check_prompt_length,
+    merge_repeated_negatives,
+    parse_prompts,
+)
 from generator.registry import MODELS_DIR_VARIABLE
 from generator.request import GenerationRequest, RequestError, canonical_optimizer
 
@@ -251,13 +257,15 @@ def build_request(options: argparse.Namespace) -> GenerationRequest:
     """Turn parsed options into a validated GenerationRequest.
 
     Raises:
-        PromptError: the prompt does not follow the grammar or is too long.
+        PromptError: the prompt does not follow the grammar, is too long, or has more
+            than 32 prompts, negatives included.
         RequestError: an option is out of range.
     """
     text = " ".join(options.prompt)
     for item in options.no:
         text += f" --no {item}"
-    prompts = parse_prompts(text)
+    prompts = merge_repeated_negatives(parse_prompts(text))
+    check_prompt_count(prompts)
 
     seed = options.seed if options.seed is not None else random.SystemRandom().randrange(2**32)
     request = GenerationRequest(

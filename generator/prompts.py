@@ -16,6 +16,9 @@ A prompt text is a list of weighted parts::
 
 Weights are finite, non-zero floats, and at least one prompt must be positive.
 Other ``--flags`` are rejected here: callers strip their own flags first.
+
+A negative given twice counts once (:func:`merge_repeated_negatives`), and one
+request takes at most :data:`MAX_PROMPTS` prompts (:func:`check_prompt_count`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,10 @@ from typing import Any
 
 # CLIP's text context, start and end tokens included.
 CLIP_CONTEXT_LENGTH = 77
+# Positive and negative prompts of one request together. CLIP encodes each one
+# before the first step; the number is a judgement that leaves room for real
+# prompts, not a measured quality limit.
+MAX_PROMPTS = 32
 
 _NUMBER = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?|[+-]?inf(?:inity)?|nan"
 _NUMBER_RE = re.compile(rf"\s*(?:{_NUMBER})\s*", re.IGNORECASE)
@@ -86,6 +93,38 @@ def parse_prompts(text: str) -> list[Prompt]:
             "e.g. 'a forest --no fog'."
         )
     return prompts
+
+
+def merge_repeated_negatives(prompts: Iterable[Prompt]) -> list[Prompt]:
+    """Return ``prompts`` without repeats of a negative prompt, keeping the first.
+
+    Texts compare without case and runs of whitespace, so ``--no fog`` given
+    with ``--no Fog`` counts once. Repeated positive prompts stay: writing one
+    twice is a way to weight it.
+    """
+    seen: set[tuple[str, float, float]] = set()
+    unique = []
+    for prompt in prompts:
+        key = (" ".join(prompt.text.split()).casefold(), prompt.weight, prompt.stop)
+        if prompt.weight < 0 and key in seen:
+            continue
+        seen.add(key)
+        unique.append(prompt)
+    return unique
+
+
+def check_prompt_count(prompts: Iterable[Prompt]) -> None:
+    """Reject a request with more than :data:`MAX_PROMPTS` prompts, negatives included.
+
+    Raises:
+        PromptError: naming the number of prompts and the limit.
+    """
+    count = sum(1 for _ in prompts)
+    if count > MAX_PROMPTS:
+        raise PromptError(
+            f"The request has {count} prompts, counting the negatives, but at most "
+            f"{MAX_PROMPTS} are allowed: merge or remove some."
+        )
 
 
 def check_prompt_length(prompts: Iterable[Prompt], tokenizer: Any = None) -> None:

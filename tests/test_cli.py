@@ -15,6 +15,7 @@ from PIL import Image
 
 from generator.cli import build_parser, build_request, main, parse_image_prompt
 from generator.png import read_png_metadata
+from generator.prompts import PromptError
 from generator.request import RequestError
 from generator.testing import TinyModels
 
@@ -175,6 +176,26 @@ def test_build_request_from_options() -> None:
     assert request.clip == ("A/x", "B/y")
     assert request.image_prompts == [("style.png", 0.5), ("C:/pictures/ref.png", 1.0)]
     assert request.progress_every == 10
+
+
+def test_build_request_merges_repeated_negatives() -> None:
+    options = build_parser().parse_args(["a cat --no fog", "--no", "Fog", "--no", "rain"])
+
+    request = build_request(options)
+
+    assert [(p.text, p.weight) for p in request.prompts] == [
+        ("a cat", 1.0),
+        ("fog", -1.0),
+        ("rain", -1.0),
+    ]
+
+
+def test_build_request_rejects_too_many_prompts() -> None:
+    negatives = ", ".join(f"thing {n}" for n in range(40))
+    options = build_parser().parse_args(["a cat", "--no", negatives])
+
+    with pytest.raises(PromptError, match="has 41 prompts, counting the negatives"):
+        build_request(options)
 
 
 def test_random_seed_when_missing() -> None:

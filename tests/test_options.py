@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bot.options import MAX_PROMPTS, MAX_SEED, Limits, OptionsError, parse_imagine
-from generator.prompts import Prompt
+from bot.options import MAX_SEED, Limits, OptionsError, parse_imagine
+from generator.prompts import MAX_PROMPTS, Prompt
 
 LIMITS = Limits(default_size=256, max_size=512, default_iterations=300, max_iterations=1000)
 

@@ -19,7 +19,13 @@ from generator import (
     check_prompt_length,
     parse_prompts,
 )
-from generator.prompts import count_tokens, format_prompts
+from generator.prompts import (
+    MAX_PROMPTS,
+    check_prompt_count,
+    count_tokens,
+    format_prompts,
+    merge_repeated_negatives,
+)
 
 INF = float("-inf")
 
@@ -105,6 +111,31 @@ def test_format_prompts_splits_sides() -> None:
     assert format_prompts(prompts) == ("a cat:2 | a hat", "fog, sun:0.5")
 
 
+def test_repeated_negatives_count_once() -> None:
+    prompts = parse_prompts("a cat | a cat --no fog, Fog,  fog , rain:0.5 --no rain:0.5")
+
+    merged = merge_repeated_negatives(prompts)
+
+    assert [(p.text, p.weight) for p in merged] == [
+        ("a cat", 1.0),
+        ("a cat", 1.0),
+        ("fog", -1.0),
+        ("rain", -0.5),
+    ]
+
+
+def test_negatives_with_other_weights_stay() -> None:
+    prompts = parse_prompts("a cat --no fog, fog:2")
+
+    assert merge_repeated_negatives(prompts) == prompts
+
+
+def test_prompt_count_limit() -> None:
+    check_prompt_count([Prompt(f"part {n}") for n in range(MAX_PROMPTS)])
+    with pytest.raises(PromptError, match=rf"has {MAX_PROMPTS + 1} prompts.*at most {MAX_PROMPTS}"):
+        check_prompt_count([Prompt(f"part {n}") for n in range(MAX_PROMPTS + 1)])
+
+
 def test_token_count_includes_start_and_end() -> None:
     assert count_tokens("a lighthouse at dusk") == 6
 
@@ -175,6 +206,7 @@ INVALID_REQUESTS = [
     ({"prompts": [Prompt("cat", 0.0)]}, "non-zero"),
     ({"prompts": [Prompt("  ")]}, "empty text"),
     ({"image_prompts": [("ref.png", math.inf)]}, "image prompt"),
+    ({"prompts": [Prompt(f"part {n}") for n in range(MAX_PROMPTS + 1)]}, "33 prompts"),
 ]
 
 
