@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
-# The submodule, not the package: the bot process never imports torch.
 from generator.prompts import (
     CLIP_CONTEXT_LENGTH,
     Prompt,
@@ -31,6 +30,9 @@ from generator.prompts import (
     merge_repeated_negatives,
     parse_prompts,
 )
+
+# The submodule, not the package: the bot process never imports torch.
+from generator.request import MAX_SEED
 
 __all__ = [
     "MAX_SEED",
@@ -42,9 +44,6 @@ __all__ = [
     "parse_imagine",
 ]
 
-# Midjourney's seed range, so seeds copied from Midjourney prompts work. The generator
-# accepts larger seeds too.
-MAX_SEED = 2**32 - 1
 # Wider ratios leave too few pixels on the short side to show anything.
 MAX_ASPECT = 4.0
 EXAMPLE = "/imagine prompt: a lighthouse at dusk, oil painting"

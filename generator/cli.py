@@ -20,7 +20,7 @@ from generator.prompts import (
     parse_prompts,
 )
 from generator.registry import MODELS_DIR_VARIABLE
-from generator.request import GenerationRequest, RequestError, canonical_optimizer
+from generator.request import MAX_SEED, GenerationRequest, RequestError, canonical_optimizer
 
 if TYPE_CHECKING:
     from generator.generate import Progress
@@ -267,7 +267,9 @@ def build_request(options: argparse.Namespace) -> GenerationRequest:
     prompts = merge_repeated_negatives(parse_prompts(text))
     check_prompt_count(prompts)
 
-    seed = options.seed if options.seed is not None else random.SystemRandom().randrange(2**32)
+    seed = options.seed
+    if seed is None:
+        seed = random.SystemRandom().randrange(MAX_SEED + 1)
     request = GenerationRequest(
         prompts=prompts,
         seed=seed,

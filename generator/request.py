@@ -13,8 +13,9 @@ MIN_SIDE = 16
 MAX_SIDE = 4096
 MAX_ITERATIONS = 100_000
 MAX_CUTN = 256
-# SQLite stores integers as signed 64-bit values.
-MAX_SEED = 2**63 - 1
+# Midjourney's seed range, so seeds copied from Midjourney prompts work. The bot and
+# the command line share it, so a seed from one reproduces a picture in the other.
+MAX_SEED = 2**32 - 1
 
 # torch.optim classes that work as ``optimizer.step()`` without a closure on a
 # dense tensor (LBFGS needs a closure, SparseAdam sparse gradients).

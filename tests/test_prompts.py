@@ -189,6 +189,7 @@ def test_request_default_validates() -> None:
 INVALID_REQUESTS = [
     ({"seed": -1}, "seed"),
     ({"seed": 2**64}, "seed"),
+    ({"seed": 2**32}, "use a value from 0 to 4294967295"),
     ({"seed": 1.5}, "whole number"),
     ({"width": 8}, "width is 8 pixels"),
     ({"height": 10_000}, "height"),
