@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import shutil
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -81,6 +82,15 @@ def run_sandbox(
         return 2
     from bot.client import StartupError
 
+    # Checked before the models load, which takes seconds to minutes.
+    if port is not None and not _port_free(port):
+        print(
+            f"error: Port {port} on 127.0.0.1 is in use or not allowed. Choose another with "
+            "--port, or leave --port out to use a free one.",
+            file=sys.stderr,
+        )
+        return 1
+
     workdir = Path(data_dir) if data_dir is not None else None
     if workdir is None:
         workdir = Path(tempfile.mkdtemp(prefix="imagine-sandbox-"))
@@ -99,6 +109,18 @@ def run_sandbox(
         if data_dir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     return 0
+
+
+def _port_free(port: int) -> bool:
+    """Return whether a server could listen on ``port`` of 127.0.0.1 now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # As aiohttp does, so a port left in TIME_WAIT by a previous run counts as free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 async def _run(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -292,3 +293,23 @@ def test_sandbox_start_up_failure_is_one_line(tiny_models, tmp_path):
     )
     assert "Sandbox closed" in result.stderr
     assert list(tmp_path.glob("imagine-sandbox-*")) == []
+
+
+def test_sandbox_busy_port_is_one_line(tiny_models, tmp_path):
+    environment = bot_environment(tiny_models, tmp_path, TMPDIR=str(tmp_path))
+    del environment["DISCORD_TOKEN"]
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        started = time.monotonic()
+        result = run(["-m", "bot", "--sandbox", "--tiny", "--port", str(port)], environment)
+        seconds = time.monotonic() - started
+
+    message = assert_clean_failure(result)
+    assert message.startswith(f"Port {port} on 127.0.0.1 is in use or not allowed.")
+    # Refused before the models load or the data directory is made.
+    assert "Loading the models" not in result.stderr
+    assert list(tmp_path.glob("imagine-sandbox-*")) == []
+    print(f"\nbusy port refused in {seconds:.1f} s")
+
