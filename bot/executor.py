@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from bot.jobs import Job, JobEvents
 from bot.worker import WorkerConfig, worker_main
+from generator.registry import is_registered
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -127,6 +128,16 @@ class ExecutorInfo:
     def is_cpu(self) -> bool:
         """Whether generation runs on the CPU (then guilds get the draft preset defaults)."""
         return self.device == "cpu"
+
+
+def _may_download(settings: Settings) -> bool:
+    """Return whether loading the configured models may download weights.
+
+    A registered VQGAN name or a CLIP tag (``ViT-B-32/openai``) may; local files do not.
+    """
+    if is_registered(settings.vqgan_model):
+        return True
+    return any(not Path(spec.partition("/")[2]).is_file() for spec in settings.clip_models)
 
 
 @contextlib.contextmanager
@@ -704,10 +715,15 @@ class Executor:
     async def _wait_for_models(self, worker: _WorkerHandle) -> None:
         """Wait until the worker has loaded the configured models; raise if it could not."""
         settings = self._settings
-        log.info(
-            "Loading the models; registered ones missing from %s are downloaded first",
-            settings.models_dir,
-        )
+        models = f"VQGAN {settings.vqgan_model}, CLIP {', '.join(settings.clip_models)}"
+        if _may_download(settings):
+            log.info(
+                "Loading the models (%s); weights missing from %s are downloaded first",
+                models,
+                settings.models_dir,
+            )
+        else:
+            log.info("Loading the models (%s)", models)
         while True:
             message = await self._next_status(worker, "loading the models")
             if message["type"] == "ready":

@@ -541,3 +541,12 @@ async def test_stop_leaves_stuck_post_to_next_start(store, settings, tiny_models
 
     assert posted.kind == "finished"
     assert await asyncio.to_thread(delivered_at, settings, job.id) is not None
+
+
+def test_may_download_only_for_names_and_tags(tiny_models):
+    from bot.executor import _may_download
+
+    local = Settings(vqgan_model=tiny_models.vqgan, clip_models=(tiny_models.clip,))
+    assert not _may_download(local)
+    assert _may_download(Settings(vqgan_model=tiny_models.vqgan))  # CLIP by tag
+    assert _may_download(Settings(clip_models=(tiny_models.clip,)))  # registered VQGAN name
