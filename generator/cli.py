@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import logging
 import math
 import random
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from tempfile import TemporaryDirectory
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from generator.errors import ModelError
@@ -29,6 +32,7 @@ logger = logging.getLogger("generator.cli")
 
 EXIT_USAGE = 2
 DEFAULT_CLIP = GenerationRequest(prompts=[], seed=0).clip
+DEFAULT_VQGAN = GenerationRequest(prompts=[], seed=0).vqgan
 EXIT_INTERRUPTED = 130
 
 DESCRIPTION = """\
@@ -199,6 +203,12 @@ def _add_model_arguments(group: argparse._ArgumentGroup, defaults: GenerationReq
         help=f"CLIP model; repeat for an ensemble (default: {defaults.clip[0]})",
     )
     group.add_argument(
+        "--tiny",
+        action="store_true",
+        help="use tiny random-weight models made on the spot instead of --vqgan and --clip: "
+        "the picture is noise, but it checks the install without downloading weights",
+    )
+    group.add_argument(
         "--device", default="auto", help="auto, cpu or cuda:N (default: %(default)s)"
     )
     group.add_argument(
@@ -309,6 +319,8 @@ def parse_image_prompt(value: str) -> tuple[str, float]:
 
 
 def _generate(options: argparse.Namespace) -> int:
+    if options.tiny and (options.clip or options.vqgan != DEFAULT_VQGAN):
+        raise RequestError("--tiny replaces --vqgan and --clip: give either --tiny or those.")
     request = build_request(options)
     output: Path = options.output
     if not output.parent.is_dir():
@@ -324,16 +336,30 @@ def _generate(options: argparse.Namespace) -> int:
 
     # None unless --models-dir is given: load_models then uses $IMAGINE_MODELS_DIR or
     # ./data/models for downloads, and caches no VQGAN given by path outside a chosen folder.
-    models = load_models(request.vqgan, request.clip, options.device, models_dir=options.models_dir)
-    bar = _ProgressBar(request, output, disable=options.quiet)
-    try:
-        image = generate(request, bar.update, models=models, threads=options.threads)
-    finally:
-        bar.close()
+    with contextlib.ExitStack() as cleanup:
+        models_dir = options.models_dir
+        if options.tiny:
+            # The tiny models and their load cache go away with the run.
+            models_dir = Path(cleanup.enter_context(TemporaryDirectory()))
+            request = _with_tiny_models(request, models_dir)
+        models = load_models(request.vqgan, request.clip, options.device, models_dir=models_dir)
+        bar = _ProgressBar(request, output, disable=options.quiet)
+        try:
+            image = generate(request, bar.update, models=models, threads=options.threads)
+        finally:
+            bar.close()
 
     save_png(image, output, generation_metadata(request, *image.size))
     print(f"Saved {output} ({image.width}x{image.height}, seed {request.seed}).")
     return 0
+
+
+def _with_tiny_models(request: GenerationRequest, directory: Path) -> GenerationRequest:
+    """Write tiny random-weight models into ``directory``; return ``request`` using them."""
+    from generator.testing import build_tiny_models
+
+    tiny = build_tiny_models(directory)
+    return dataclasses.replace(request, vqgan=tiny.vqgan, clip=(tiny.clip,))
 
 
 class _ProgressBar:

@@ -72,6 +72,21 @@ def test_cli_writes_png_with_metadata(tiny_models: TinyModels, tmp_path: Path) -
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out-0002.png", "out.png"]
 
 
+def test_cli_tiny_needs_no_weights(tmp_path: Path) -> None:
+    output = tmp_path / "tiny.png"
+    result = run_cli(
+        "a lighthouse", "--tiny", "-o", str(output), "--iterations", "2",
+        "--size", "32", "32", "--cutn", "2", "--threads", "1", "--device", "cpu",
+        models_dir=tmp_path / "empty-models",
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    with Image.open(output) as image:
+        assert image.size == (32, 32)
+    assert "imagine-tiny-clip" in read_png_metadata(output)["clip"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.png"]
+
+
 def test_cli_repeats_with_seed(
     tiny_models: TinyModels, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -99,6 +114,8 @@ ERRORS = [
     (["a cat", "--threads", "0"], "--threads is 0"),
     (["a cat", "--device", "tpu"], "'tpu'"),
     (["a cat", "--vqgan", "no-such-model", "--clip", "x/y"], "no-such-model"),
+    (["a cat", "--tiny", "--clip", "x/y"], "--tiny replaces --vqgan and --clip"),
+    (["a cat", "--tiny", "--vqgan", "my.ckpt"], "--tiny replaces --vqgan and --clip"),
     ([" ".join(["word"] * 80)], "82 tokens"),
 ]
 
