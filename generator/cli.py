@@ -42,7 +42,8 @@ Prompt grammar: parts separated by '|', each 'text', 'text:weight' or
 'text:weight:stop'; Midjourney's 'text::weight'; '--no a, b' for things to
 avoid (quote the prompt so the shell passes it as one argument).
 
-Download the default models first with: python -m generator download [NAME ...]
+The first run downloads the default models (about 1.6 GB); to fetch them
+ahead of time: python -m generator download [NAME ...]
 """
 
 
@@ -209,7 +210,7 @@ def _add_model_arguments(group: argparse._ArgumentGroup, defaults: GenerationReq
         "the picture is noise, but it checks the install without downloading weights",
     )
     group.add_argument(
-        "--device", default="auto", help="auto, cpu or cuda:N (default: %(default)s)"
+        "--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)"
     )
     group.add_argument(
         "--threads",
@@ -325,6 +326,11 @@ def _generate(options: argparse.Namespace) -> int:
     output: Path = options.output
     if not output.parent.is_dir():
         raise RequestError(f"The output folder '{output.parent}' does not exist: create it first.")
+    if output.is_dir():
+        raise RequestError(
+            f"The output '{output}' is a folder: give a file name, for example "
+            f"-o {output / 'picture.png'}."
+        )
     _check_files_exist(request)
     if options.threads is not None and options.threads < 1:
         raise RequestError(f"--threads is {options.threads}: use 1 or more CPU threads.")

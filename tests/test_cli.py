@@ -111,6 +111,7 @@ ERRORS = [
     (["a cat", "--clip", "ViT-B-32"], "MODEL/PRETRAINED"),
     (["a cat", "--image-prompt", "ref.png:inf"], "image prompt 'ref.png'"),
     (["a cat", "-o", "missing-folder/out.png"], "does not exist"),
+    (["a cat", "-o", "."], "is a folder: give a file name"),
     (["a cat", "--threads", "0"], "--threads is 0"),
     (["a cat", "--device", "tpu"], "'tpu'"),
     (["a cat", "--vqgan", "no-such-model", "--clip", "x/y"], "no-such-model"),
