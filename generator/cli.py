@@ -322,7 +322,7 @@ def parse_image_prompt(value: str) -> tuple[str, float]:
 def _generate(options: argparse.Namespace) -> int:
     if options.tiny and (options.clip or options.vqgan != DEFAULT_VQGAN):
         raise RequestError("--tiny replaces --vqgan and --clip: give either --tiny or those.")
-    request = build_request(options)
+    # The quick checks come first: build_request's token count imports torch.
     output: Path = options.output
     if not output.parent.is_dir():
         raise RequestError(f"The output folder '{output.parent}' does not exist: create it first.")
@@ -331,9 +331,10 @@ def _generate(options: argparse.Namespace) -> int:
             f"The output '{output}' is a folder: give a file name, for example "
             f"-o {output / 'picture.png'}."
         )
-    _check_files_exist(request)
     if options.threads is not None and options.threads < 1:
         raise RequestError(f"--threads is {options.threads}: use 1 or more CPU threads.")
+    request = build_request(options)
+    _check_files_exist(request)
 
     # Imported here so that --help and prompt errors do not wait for torch.
     from generator.generate import generate
