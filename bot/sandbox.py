@@ -114,7 +114,7 @@ def run_sandbox(
 def _port_free(port: int) -> bool:
     """Return whether a server could listen on ``port`` of 127.0.0.1 now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        # As aiohttp does, so a port left in TIME_WAIT by a previous run counts as free.
+        # asyncio servers set SO_REUSEADDR on Unix, so a port in TIME_WAIT counts as free.
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", port))
