@@ -55,7 +55,6 @@ TINY_CONFIG = {
 }
 BLOCKER = "a slow lighthouse --iter 100000"
 QUEUED_RE = re.compile(r"Queued as #(\d+), position (\d+), about (\d+) min\.")
-# A job long enough for the test to inject a fault after its first message is posted.
 SHORT_JOB = "a stormy sea --iter 30"
 
 
@@ -65,6 +64,8 @@ class World:
     bot: ImagineBot
     guild: simcord.GuildHandle
     channel: simcord.ChannelHandle
+    # Where hold_queue's blocker runs, away from the faults injected in ``channel``.
+    other_channel: simcord.ChannelHandle
     admin: simcord.MemberActor
     alice: simcord.MemberActor
     error_cursor: int = 0
@@ -82,13 +83,14 @@ async def world(tiny_models, tmp_path_factory):
 
     guild = env.create_guild("Fault club")
     channel = guild.create_text_channel("art")
+    other_channel = guild.create_text_channel("queue-holder")
     admins = create_admins_role(guild)
     admin = guild.add_member(env.create_user("ada"), roles=[admins])
     alice = guild.add_member(env.create_user("alice"))
     await apply_guild_config(bot, guild.id, TINY_CONFIG)
 
     restore = route_detached_webhooks(env)
-    yield World(env, bot, guild, channel, admin, alice)
+    yield World(env, bot, guild, channel, other_channel, admin, alice)
 
     restore()
     await bot.close()
@@ -135,6 +137,25 @@ async def imagine(world: World, prompt: str = SHORT_JOB) -> int:
     match = QUEUED_RE.fullmatch(result.response.content)
     assert match, result.response.content
     return int(match[1])
+
+
+async def hold_queue(world: World) -> int:
+    """Run a long job in the other channel, so the next jobs wait in the queue; return its id.
+
+    A test then injects its fault while its job is queued with its message posted, and calls
+    :func:`release_queue`, so the fault meets the job whatever the machine's speed.
+    """
+    # The admin's job, so the requester's own job list shows only the job under test.
+    result = await world.admin.slash(world.other_channel, "imagine", prompt=BLOCKER)
+    blocker = int(QUEUED_RE.fullmatch(result.response.content)[1])
+    await wait_state(world, blocker, "running")
+    return blocker
+
+
+async def release_queue(world: World, blocker: int) -> None:
+    """Cancel the job of :func:`hold_queue`; the jobs behind it start."""
+    result = await world.admin.slash(world.other_channel, "cancel", job=blocker)
+    assert result.response.content == f"Cancelled #{blocker}."
 
 
 def job_messages(world: World, job_id: int, channel=None) -> list[discord.Message]:
@@ -222,6 +243,7 @@ async def test_interaction_response_fault(world, caplog, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_followup_fault(world, caplog, mode):
+    blocker = await hold_queue(world)
     inject(world, "POST", "/webhooks/*", mode)
 
     result = await world.alice.slash(world.channel, "imagine", prompt=SHORT_JOB)
@@ -231,12 +253,14 @@ async def test_followup_fault(world, caplog, mode):
     assert "Queued as" not in (result.response.content if result.response else "")
     assert f"Could not reply to user {world.alice.id}" in caplog.text
     job_id = (await world.bot.store.user_jobs(world.guild.id, world.alice.id))[0].id
+    await release_queue(world, blocker)
     message = await final_message(world, job_id)
     assert message.content.startswith(world.alice.mention)
 
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_message_send_fault(world, caplog, mode):
+    blocker = await hold_queue(world)
     inject(world, "POST", f"/channels/{world.channel.id}/messages", mode)
 
     result = await world.alice.slash(world.channel, "imagine", prompt=SHORT_JOB)
@@ -246,6 +270,7 @@ async def test_message_send_fault(world, caplog, mode):
         result.followups[0].content
     )
     assert f"Job {job_id}: cannot post the job message (HTTP 500" in caplog.text
+    await release_queue(world, blocker)
     if mode == "once":
         await final_message(world, job_id)
         return
@@ -256,9 +281,11 @@ async def test_message_send_fault(world, caplog, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_file_upload_fault(world, caplog, mode):
+    blocker = await hold_queue(world)
     job_id = await imagine(world)
     # The job's message is posted; the next post to the channel is the picture's upload.
     inject(world, "POST", f"/channels/{world.channel.id}/messages", mode)
+    await release_queue(world, blocker)
 
     if mode == "once":
         await final_message(world, job_id)
@@ -278,9 +305,10 @@ async def test_file_upload_fault(world, caplog, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_edit_fault(world, caplog, mode):
-    # Long enough that progress edits follow the injection.
-    job_id = await imagine(world, "a stormy sea --iter 100")
+    blocker = await hold_queue(world)
+    job_id = await imagine(world)
     inject(world, "PATCH", f"/channels/{world.channel.id}/messages/*", mode)
+    await release_queue(world, blocker)
 
     message = await final_message(world, job_id)
 
@@ -291,8 +319,10 @@ async def test_edit_fault(world, caplog, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_delete_fault(world, caplog, mode):
+    blocker = await hold_queue(world)
     job_id = await imagine(world)
     inject(world, "DELETE", f"/channels/{world.channel.id}/messages/*", mode)
+    await release_queue(world, blocker)
 
     await final_message(world, job_id)
 
@@ -312,8 +342,8 @@ async def test_delete_fault(world, caplog, mode):
 
 
 async def test_unknown_message_on_edit_reposts(world, caplog):
-    # Long enough that a progress edit follows the injected error.
-    job_id = await imagine(world, "a stormy sea --iter 100")
+    blocker = await hold_queue(world)
+    job_id = await imagine(world)
     first = job_messages(world, job_id)[0]
     world.env.inject_error(
         "PATCH",
@@ -323,6 +353,7 @@ async def test_unknown_message_on_edit_reposts(world, caplog):
         message="Unknown Message",
         times=1,
     )
+    await release_queue(world, blocker)
 
     await final_message(world, job_id)
 
@@ -334,6 +365,7 @@ async def test_missing_permission_mid_job(world, caplog):
 
     simcord 3.2.1 checks Attach Files only on forwards, so this test takes Send Messages.
     """
+    blocker = await hold_queue(world)
     job_id = await imagine(world)
     deny = Overwrite(
         world.bot.user.id, OverwriteType.MEMBER,
@@ -341,6 +373,7 @@ async def test_missing_permission_mid_job(world, caplog):
     )
     world.env.backend.edit_channel(world.channel.id, {}, overwrites=[deny])
     try:
+        await release_queue(world, blocker)
         body = await private_picture(world, job_id)
     finally:
         world.env.backend.edit_channel(world.channel.id, {}, overwrites=[])
