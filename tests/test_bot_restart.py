@@ -86,12 +86,16 @@ async def test_restart_resumes_jobs_and_keeps_buttons(tiny_models, tmp_path):
         await env.restart_bot(second_bot)
         store = second_bot.store
 
-        # The requeued job's message shows the interruption, then the job resumes from its state.
-        assert any("interrupted by a restart" in text for text in edits_of(env, running_message))
+        # The job resumes from its state, and its message says so. A "back at the front of the
+        # queue" notice comes first, unless the job was running again before the bot was ready.
         await wait_for(
             lambda: any("resumed at iteration" in text for text in edits_of(env, running_message)),
             "the resumed job's message",
         )
+        texts = edits_of(env, running_message)
+        resumed_at = next(n for n, text in enumerate(texts) if "resumed at iteration" in text)
+        interrupted = [n for n, text in enumerate(texts) if "interrupted by a restart" in text]
+        assert all(n < resumed_at for n in interrupted), texts
         resumed = await store.get(running)
         assert resumed.state == "running"
         assert resumed.attempts == 1
