@@ -1,11 +1,12 @@
 """Scaffolding shared by the simcord bot tests: settings for tiny models, guild setup, polling.
 
-Plain functions only; the fixtures that use them stay in the test modules.
+Plain functions and constants only; the fixtures that use them stay in the test modules.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -20,7 +21,20 @@ from bot.presenter import Presenter
 from bot.settings import Settings
 
 if TYPE_CHECKING:
+    from bot.store import JobStore
     from generator.testing import TinyModels
+
+# Per-guild settings that keep test jobs tiny: 32² pictures, 2 cutouts, a frame every 2 steps.
+TINY_CONFIG: Mapping[str, int] = {
+    "cutn": 2,
+    "default_iterations": 4,
+    "default_size": 32,
+    "progress_interval": 2,
+    "max_jobs_per_user": 10,
+}
+# A job that keeps the executor busy until the test cancels it.
+BLOCKER = "a slow lighthouse --iter 100000"
+QUEUED_RE = re.compile(r"Queued as #(\d+), position (\d+), about (\d+) min\.")
 
 
 async def wait_for(
@@ -37,6 +51,25 @@ async def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+async def wait_state(
+    store: JobStore, job_id: int, *states: str, timeout: float = 60.0
+) -> Job:
+    """Wait until job ``job_id`` is in one of ``states``; return it."""
+
+    async def reached() -> Job | None:
+        job = await store.get(job_id)
+        return job if job is not None and job.state in states else None
+
+    return await wait_for(reached, f"job {job_id} to be {'/'.join(states)}", timeout)
+
+
+def queued_job_id(result: simcord.InteractionResult) -> int:
+    """Return the job id of an /imagine reply "Queued as #id, …", failing on any other reply."""
+    match = QUEUED_RE.fullmatch(result.response.content)
+    assert match, result.response.content
+    return int(match[1])
 
 
 def tiny_settings(tiny_models: TinyModels, data_dir: Path) -> Settings:

@@ -31,19 +31,20 @@ from PIL import Image
 from bot.client import ImagineBot, create_bot
 from bot.guild_config import CONFIG_KEYS
 from generator.request import RequestError
-from tests.simworld import apply_guild_config, create_admins_role, tiny_settings, wait_for
+from tests.simworld import (
+    BLOCKER,
+    QUEUED_RE,
+    TINY_CONFIG,
+    apply_guild_config,
+    create_admins_role,
+    queued_job_id,
+    tiny_settings,
+    wait_for,
+    wait_state,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-TINY_CONFIG = {
-    "cutn": 2,
-    "default_iterations": 4,
-    "default_size": 32,
-    "progress_interval": 2,
-    "max_jobs_per_user": 10,
-}
-BLOCKER = "a slow lighthouse --iter 100000"
-QUEUED_RE = re.compile(r"Queued as #(\d+), position (\d+), about (\d+) min\.")
 MESSAGE_LIMIT = 2000
 
 
@@ -88,7 +89,7 @@ async def world(tiny_models, tmp_path_factory):
 async def blocker(world):
     """A long job that keeps the worker busy while the table runs; cancelled after it."""
     job_id = await imagine(world, world.admin, BLOCKER)
-    await wait_state(world, job_id, "running")
+    await wait_state(world.bot.store, job_id, "running")
     return job_id
 
 
@@ -96,18 +97,8 @@ async def blocker(world):
 
 
 async def imagine(world: World, member, prompt: str, **options) -> int:
-    result = await member.slash(world.channel, "imagine", prompt=prompt, **options)
-    match = QUEUED_RE.fullmatch(result.response.content)
-    assert match, result.response.content
-    return int(match[1])
+    return queued_job_id(await member.slash(world.channel, "imagine", prompt=prompt, **options))
 
-
-async def wait_state(world: World, job_id: int, *states: str, timeout: float = 60.0):
-    async def reached():
-        job = await world.bot.store.get(job_id)
-        return job if job is not None and job.state in states else None
-
-    return await wait_for(reached, f"job {job_id} to be {'/'.join(states)}", timeout)
 
 
 def count_jobs(world: World) -> int:
@@ -507,13 +498,13 @@ async def test_database_intact_after_table(world, blocker):
 async def test_others_served_after_table(world, blocker):
     cancelled = await world.admin.slash(world.channel, "cancel", job=blocker)
     assert cancelled.response.content == f"Cancelled #{blocker}."
-    await wait_state(world, blocker, "cancelled")
+    await wait_state(world.bot.store, blocker, "cancelled")
 
     mentions = await imagine(world, world.alice, "@everyone <@&ROLE> **a cat**".replace(
         "ROLE", str(world.role.id)))
     job_id = await imagine(world, world.bob, "a quiet harbour")
     for finished in (mentions, job_id):
-        await wait_state(world, finished, "done")
+        await wait_state(world.bot.store, finished, "done")
 
     async def final_posted(job_id: int) -> discord.Message | None:
         for message in world.channel.history():

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -24,32 +23,25 @@ import simcord
 from PIL import Image
 
 from bot.client import ImagineBot, create_bot
-from bot.jobs import Job
 from bot.start_images import start_images_dir
 from generator.png import read_png_metadata
 from tests.simworld import (
+    BLOCKER,
+    QUEUED_RE,
+    TINY_CONFIG,
     apply_guild_config,
     cancel_leftovers,
     create_admins_role,
     fast_progress_edits,
+    queued_job_id,
     tiny_settings,
     wait_for,
+    wait_state,
 )
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-# Per-guild settings that keep each picture to a fraction of a second on tiny models.
-TINY_CONFIG = {
-    "cutn": 2,
-    "default_iterations": 4,
-    "default_size": 32,
-    "progress_interval": 2,
-    "max_jobs_per_user": 10,
-}
-# Long enough to still be running while a test looks at it; always cancelled by the test.
-BLOCKER = "a slow lighthouse --iter 100000"
 DEFERRED_CHANNEL_MESSAGE = 5
-QUEUED_RE = re.compile(r"Queued as #(\d+), position (\d+), about (\d+) min\.")
 
 
 @dataclass
@@ -114,26 +106,13 @@ async def clean_slate(world):
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def queued_job_id(result: simcord.InteractionResult) -> int:
-    match = QUEUED_RE.fullmatch(result.response.content)
-    assert match, result.response.content
-    return int(match[1])
-
-
-async def wait_state(world: World, job_id: int, *states: str, timeout: float = 60.0) -> Job:
-    async def reached() -> Job | None:
-        job = await world.bot.store.get(job_id)
-        return job if job is not None and job.state in states else None
-
-    return await wait_for(reached, f"job {job_id} to be {'/'.join(states)}", timeout)
-
 
 def job_messages(channel: simcord.ChannelHandle, job_id: int) -> list[discord.Message]:
     return [message for message in channel.history() if f"#{job_id} ·" in message.content]
 
 
 async def final_message(world: World, channel: simcord.ChannelHandle, job_id: int):
-    await wait_state(world, job_id, "done")
+    await wait_state(world.bot.store, job_id, "done")
 
     def posted() -> discord.Message | None:
         for message in job_messages(channel, job_id):
@@ -157,14 +136,14 @@ async def imagine(world: World, member, prompt: str, channel=None, **options) ->
 
 async def start_blocker(world: World, member) -> int:
     job_id = await imagine(world, member, BLOCKER)
-    await wait_state(world, job_id, "running")
+    await wait_state(world.bot.store, job_id, "running")
     return job_id
 
 
 async def cancel_as_admin(world: World, job_id: int) -> None:
     result = await world.admin.slash(world.channel, "cancel", job=job_id)
     assert result.response.content == f"Cancelled #{job_id}."
-    await wait_state(world, job_id, "cancelled")
+    await wait_state(world.bot.store, job_id, "cancelled")
 
 
 def last_callback_type(world: World) -> int:
@@ -385,7 +364,7 @@ async def test_cancel_queued_and_running(world):
     assert "Only the person who asked" in stranger.response.content
     owner = await world.alice.click(message, label="Cancel")
     assert owner.response.content == f"Cancelled #{blocker}."
-    await wait_state(world, blocker, "cancelled")
+    await wait_state(world.bot.store, blocker, "cancelled")
     await wait_for(
         lambda: "cancelled" in job_messages(world.channel, blocker)[0].content,
         "the running job's message to say cancelled",
@@ -405,7 +384,8 @@ async def test_fair_turns_between_users(world):
     assert order == [blocker, alice_jobs[0], bob_job, alice_jobs[1], alice_jobs[2]]
 
     await cancel_as_admin(world, blocker)
-    finished = [await wait_state(world, job_id, "done") for job_id in [*alice_jobs, bob_job]]
+    store = world.bot.store
+    finished = [await wait_state(store, job_id, "done") for job_id in [*alice_jobs, bob_job]]
     started = {job.id: job.started_at for job in finished}
     assert started[alice_jobs[0]] < started[bob_job] < started[alice_jobs[1]]
 

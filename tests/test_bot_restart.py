@@ -7,35 +7,27 @@ same file with ``env.restart_bot``.
 
 from __future__ import annotations
 
-import re
-
 import discord
 import pytest
 import simcord
 
 from bot.client import create_bot
 from bot.store import JobStore
-from tests.simworld import apply_guild_config, tiny_settings, wait_for
+from tests.simworld import (
+    TINY_CONFIG,
+    apply_guild_config,
+    queued_job_id,
+    tiny_settings,
+    wait_for,
+    wait_state,
+)
 
 pytestmark = pytest.mark.asyncio
 
-TINY_CONFIG = {"cutn": 2, "default_iterations": 4, "default_size": 32, "progress_interval": 2}
-QUEUED_RE = re.compile(r"Queued as #(\d+), position \d+, about \d+ min\.")
 
 
 async def imagine(member, channel, prompt: str) -> int:
-    result = await member.slash(channel, "imagine", prompt=prompt)
-    match = QUEUED_RE.fullmatch(result.response.content)
-    assert match, result.response.content
-    return int(match[1])
-
-
-async def wait_state(store: JobStore, job_id: int, state: str):
-    async def reached():
-        job = await store.get(job_id)
-        return job if job is not None and job.state == state else None
-
-    return await wait_for(reached, f"job {job_id} to be {state}")
+    return queued_job_id(await member.slash(channel, "imagine", prompt=prompt))
 
 
 def edits_of(env: simcord.Env, message_id: int) -> list[str]:
@@ -112,7 +104,7 @@ async def test_restart_resumes_jobs_and_keeps_buttons(tiny_models, tmp_path):
             if message.embeds and message.embeds[0].footer.text == f"Job #{finished}"
         )
         reproduced = await bob.click(old_message, label="Reproduce")
-        copy = int(QUEUED_RE.fullmatch(reproduced.response.content)[1])
+        copy = queued_job_id(reproduced)
         await wait_state(store, copy, "done")
         assert (await store.get(copy)).user_id == bob.id
 

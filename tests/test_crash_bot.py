@@ -22,18 +22,10 @@ import simcord
 from bot.client import ImagineBot, create_bot
 from bot.settings import Settings
 from tests import simworld
-from tests.simworld import apply_guild_config, tiny_settings
+from tests.simworld import TINY_CONFIG, apply_guild_config, queued_job_id, tiny_settings
 
 pytestmark = pytest.mark.asyncio
 
-TINY_CONFIG = {
-    "cutn": 2,
-    "default_iterations": 4,
-    "default_size": 32,
-    "progress_interval": 2,
-    "max_jobs_per_user": 10,
-}
-QUEUED_RE = re.compile(r"Queued as #(\d+), position \d+, about \d+ min\.")
 RESUMED_RE = re.compile(r"resumed at iteration (\d+)/(\d+)")
 
 
@@ -88,18 +80,12 @@ async def restart(env: simcord.Env, bots: list[ImagineBot], settings: Settings) 
 
 
 async def imagine(member, channel, prompt: str) -> int:
-    result = await member.slash(channel, "imagine", prompt=prompt)
-    match = QUEUED_RE.fullmatch(result.response.content)
-    assert match, result.response.content
-    return int(match[1])
+    return queued_job_id(await member.slash(channel, "imagine", prompt=prompt))
 
 
 async def wait_state(bot: ImagineBot, job_id: int, state: str):
-    async def reached():
-        job = await bot.store.get(job_id)
-        return job if job is not None and job.state == state else None
-
-    return await wait_for(reached, f"job {job_id} to be {state}")
+    """Call ``simworld.wait_state`` on ``bot``'s store with a timeout of 90 s."""
+    return await simworld.wait_state(bot.store, job_id, state, timeout=90.0)
 
 
 def final_messages(channel: simcord.ChannelHandle, job_id: int) -> list[discord.Message]:
@@ -157,7 +143,7 @@ async def test_crash_mid_job_resumes(world, settings):
     # A button of a message the crashed bot posted works with the new one.
     old_message = final_messages(channel, finished)[0]
     reproduced = await bob.click(old_message, label="Reproduce")
-    copy = int(QUEUED_RE.fullmatch(reproduced.response.content)[1])
+    copy = queued_job_id(reproduced)
     await wait_state(second, copy, "done")
     assert env.errors == []
 

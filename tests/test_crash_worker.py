@@ -19,18 +19,10 @@ import simcord
 
 from bot.client import create_bot
 from tests import simworld
-from tests.simworld import apply_guild_config, tiny_settings
+from tests.simworld import TINY_CONFIG, apply_guild_config, queued_job_id, tiny_settings
 
 pytestmark = pytest.mark.asyncio
 
-TINY_CONFIG = {
-    "cutn": 2,
-    "default_iterations": 4,
-    "default_size": 32,
-    "progress_interval": 2,
-    "max_jobs_per_user": 10,
-}
-QUEUED_RE = re.compile(r"Queued as #(\d+), position \d+, about \d+ min\.")
 RESUMED_RE = re.compile(r"resumed at iteration (\d+)/(\d+)")
 
 
@@ -58,18 +50,12 @@ async def world(tiny_models, tmp_path):
 
 
 async def imagine(member, channel, prompt: str) -> int:
-    result = await member.slash(channel, "imagine", prompt=prompt)
-    match = QUEUED_RE.fullmatch(result.response.content)
-    assert match, result.response.content
-    return int(match[1])
+    return queued_job_id(await member.slash(channel, "imagine", prompt=prompt))
 
 
 async def wait_state(bot, job_id: int, *states: str):
-    async def reached():
-        job = await bot.store.get(job_id)
-        return job if job is not None and job.state in states else None
-
-    return await wait_for(reached, f"job {job_id} to be {'/'.join(states)}")
+    """Call ``simworld.wait_state`` on ``bot``'s store with a timeout of 90 s."""
+    return await simworld.wait_state(bot.store, job_id, *states, timeout=90.0)
 
 
 def texts_about(env: simcord.Env, job_id: int) -> list[str]:

@@ -36,25 +36,21 @@ from simcord.http.client import FakeWebhookAdapter
 
 from bot.client import ImagineBot, create_bot
 from tests.simworld import (
+    BLOCKER,
+    QUEUED_RE,
+    TINY_CONFIG,
     apply_guild_config,
     cancel_leftovers,
     create_admins_role,
     fast_progress_edits,
+    queued_job_id,
     tiny_settings,
     wait_for,
+    wait_state,
 )
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-TINY_CONFIG = {
-    "cutn": 2,
-    "default_iterations": 4,
-    "default_size": 32,
-    "progress_interval": 2,
-    "max_jobs_per_user": 10,
-}
-BLOCKER = "a slow lighthouse --iter 100000"
-QUEUED_RE = re.compile(r"Queued as #(\d+), position (\d+), about (\d+) min\.")
 SHORT_JOB = "a stormy sea --iter 30"
 
 
@@ -124,19 +120,9 @@ async def clean_slate(world, caplog):
 # -- helpers ---------------------------------------------------------------------------------
 
 
-async def wait_state(world: World, job_id: int, *states: str, timeout: float = 60.0):
-    async def reached():
-        job = await world.bot.store.get(job_id)
-        return job if job is not None and job.state in states else None
-
-    return await wait_for(reached, f"job {job_id} to be {'/'.join(states)}", timeout)
-
 
 async def imagine(world: World, prompt: str = SHORT_JOB) -> int:
-    result = await world.alice.slash(world.channel, "imagine", prompt=prompt)
-    match = QUEUED_RE.fullmatch(result.response.content)
-    assert match, result.response.content
-    return int(match[1])
+    return queued_job_id(await world.alice.slash(world.channel, "imagine", prompt=prompt))
 
 
 async def hold_queue(world: World) -> int:
@@ -146,9 +132,10 @@ async def hold_queue(world: World) -> int:
     :func:`release_queue`, so the fault meets the job whatever the machine's speed.
     """
     # The admin's job, so the requester's own job list shows only the job under test.
-    result = await world.admin.slash(world.other_channel, "imagine", prompt=BLOCKER)
-    blocker = int(QUEUED_RE.fullmatch(result.response.content)[1])
-    await wait_state(world, blocker, "running")
+    blocker = queued_job_id(
+        await world.admin.slash(world.other_channel, "imagine", prompt=BLOCKER)
+    )
+    await wait_state(world.bot.store, blocker, "running")
     return blocker
 
 
@@ -164,7 +151,7 @@ def job_messages(world: World, job_id: int, channel=None) -> list[discord.Messag
 
 
 async def final_message(world: World, job_id: int, channel=None) -> discord.Message:
-    await wait_state(world, job_id, "done")
+    await wait_state(world.bot.store, job_id, "done")
 
     def posted() -> discord.Message | None:
         for message in job_messages(world, job_id, channel):
@@ -185,7 +172,7 @@ async def final_message(world: World, job_id: int, channel=None) -> discord.Mess
 
 async def private_picture(world: World, job_id: int) -> dict[str, Any]:
     """Return the body of the followup that carried job ``job_id``'s picture to its requester."""
-    await wait_state(world, job_id, "done")
+    await wait_state(world.bot.store, job_id, "done")
 
     def sent() -> dict[str, Any] | None:
         for request in world.env.http_requests:
@@ -388,7 +375,7 @@ async def test_missing_permission_mid_job(world, caplog):
 
 async def test_expired_token_keeps_picture(world):
     blocker = await imagine(world, BLOCKER)
-    await wait_state(world, blocker, "running")
+    await wait_state(world.bot.store, blocker, "running")
     job_id = await imagine(world, "a late lighthouse")
 
     await world.env.advance_time(16 * 60)
@@ -400,13 +387,13 @@ async def test_expired_token_keeps_picture(world):
 
 async def test_expired_token_and_refused_channel(world, caplog):
     blocker = await imagine(world, BLOCKER)
-    await wait_state(world, blocker, "running")
+    await wait_state(world.bot.store, blocker, "running")
     job_id = await imagine(world, "a lost lighthouse")
     await world.env.advance_time(16 * 60)
     world.env.inject_error("POST", f"/channels/{world.channel.id}/messages", times=None)
 
     await world.admin.slash(world.channel, "cancel", job=blocker)
-    await wait_state(world, job_id, "done")
+    await wait_state(world.bot.store, job_id, "done")
 
     def direct_message() -> discord.Message | None:
         for message in world.alice.user.dm_channel.history():

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -27,22 +26,21 @@ import pytest_asyncio
 import simcord
 
 from bot.client import ImagineBot, create_bot
-from bot.jobs import Job
 from bot.store import JobStore, NewJob
-from tests.simworld import apply_guild_config, cancel_leftovers, tiny_settings, wait_for
+from tests import simworld
+from tests.simworld import (
+    BLOCKER,
+    apply_guild_config,
+    cancel_leftovers,
+    queued_job_id,
+    tiny_settings,
+    wait_for,
+    wait_state,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-TINY_CONFIG = {
-    "cutn": 2,
-    "default_iterations": 2,
-    "default_size": 32,
-    "progress_interval": 2,
-    "max_jobs_per_user": 10,
-}
-# Long enough to still be running while a test looks at it; always cancelled by the test.
-BLOCKER = "a slow lighthouse --iter 100000"
-QUEUED_RE = re.compile(r"Queued as #(\d+), position (\d+), about (\d+) min\.")
+TINY_CONFIG = {**simworld.TINY_CONFIG, "default_iterations": 2}
 NOT_YOURS = "Only the person who asked for picture #{id} or a server admin can {action} it."
 NOT_HERE = "There is no picture #{id} here."
 CONFIG_REJECTED = "Changing imagine's settings needs the Manage Server permission."
@@ -130,18 +128,8 @@ async def clean_slate(world):
 
 
 async def imagine(member: simcord.MemberActor, channel: simcord.ChannelHandle, prompt: str) -> int:
-    result = await member.slash(channel, "imagine", prompt=prompt)
-    match = QUEUED_RE.fullmatch(result.response.content)
-    assert match, result.response.content
-    return int(match[1])
+    return queued_job_id(await member.slash(channel, "imagine", prompt=prompt))
 
-
-async def wait_state(world: World, job_id: int, *states: str, timeout: float = 60.0) -> Job:
-    async def reached() -> Job | None:
-        job = await world.bot.store.get(job_id)
-        return job if job is not None and job.state in states else None
-
-    return await wait_for(reached, f"job {job_id} to be {'/'.join(states)}", timeout)
 
 
 def job_message(channel: simcord.ChannelHandle, job_id: int) -> discord.Message | None:
@@ -153,7 +141,7 @@ def job_message(channel: simcord.ChannelHandle, job_id: int) -> discord.Message 
 
 
 async def final_message(world: World, job_id: int) -> discord.Message:
-    await wait_state(world, job_id, "done")
+    await wait_state(world.bot.store, job_id, "done")
 
     def posted() -> discord.Message | None:
         message = job_message(world.channel, job_id)
@@ -273,7 +261,7 @@ CANCEL_MATRIX = [
 
 async def test_cancel_permission_matrix(world):
     blocker = await imagine(world.alice, world.channel, BLOCKER)
-    await wait_state(world, blocker, "running")
+    await wait_state(world.bot.store, blocker, "running")
 
     for actor, allowed in CANCEL_MATRIX:
         member = world.actors[actor]
@@ -307,13 +295,13 @@ async def test_cancel_permission_matrix(world):
 
     stopped = await world.manager.click(message, label="Cancel")
     assert stopped.response.content == f"Cancelled #{blocker}."
-    await wait_state(world, blocker, "cancelled")
+    await wait_state(world.bot.store, blocker, "cancelled")
 
 
 async def test_cancel_from_other_guild_rejected(world):
     # The blocker keeps the job queued, so nothing but a cancel could change its row.
     blocker = await imagine(world.bob, world.channel, BLOCKER)
-    await wait_state(world, blocker, "running")
+    await wait_state(world.bot.store, blocker, "running")
     job_id = await imagine(world.alice, world.channel, "a queued hill")
     before = await world.bot.store.get(job_id)
 
@@ -330,7 +318,7 @@ async def test_cancel_from_other_guild_rejected(world):
 
     await world.alice.slash(world.channel, "cancel", job=job_id)
     await world.bob.slash(world.channel, "cancel", job=blocker)
-    await wait_state(world, blocker, "cancelled")
+    await wait_state(world.bot.store, blocker, "cancelled")
 
 
 # -- delete ----------------------------------------------------------------------------------
@@ -366,7 +354,7 @@ async def test_delete_permission_matrix(world):
 
 async def test_queue_shows_only_callers_prompts(world):
     blocker = await imagine(world.alice, world.channel, BLOCKER)
-    await wait_state(world, blocker, "running")
+    await wait_state(world.bot.store, blocker, "running")
     alices = await imagine(world.alice, world.channel, "alice private garden")
     bobs = await imagine(world.bob, world.channel, "bob private harbour")
     elsewhere = await imagine(world.alice_elsewhere, world.other_channel, "alice private desert")
@@ -415,7 +403,7 @@ async def test_queue_shows_only_callers_prompts(world):
         job = await world.bot.store.get(job_id)
         await world.bot.store.cancel(job_id, 0, admin=True, guild_id=job.guild_id)
         await world.bot.executor.cancel(job_id)
-    await wait_state(world, blocker, "cancelled")
+    await wait_state(world.bot.store, blocker, "cancelled")
 
 
 # -- ownership in the SQL statement ------------------------------------------------------------
