@@ -35,6 +35,7 @@ TINY_CONFIG: Mapping[str, int] = {
 # A job that keeps the executor busy until the test cancels it.
 BLOCKER = "a slow lighthouse --iter 100000"
 QUEUED_RE = re.compile(r"Queued as #(\d+), position (\d+), about (\d+) min\.")
+RESUMED_RE = re.compile(r"resumed at iteration (\d+)/(\d+)")
 
 
 async def wait_for(
@@ -70,6 +71,26 @@ def queued_job_id(result: simcord.InteractionResult) -> int:
     match = QUEUED_RE.fullmatch(result.response.content)
     assert match, result.response.content
     return int(match[1])
+
+
+def final_messages(channel: simcord.ChannelHandle, job_id: int) -> list[discord.Message]:
+    """Return the messages in ``channel`` that carry job ``job_id``'s finished picture."""
+    return [
+        message
+        for message in channel.history()
+        if message.embeds and message.embeds[0].footer.text == f"Job #{job_id}"
+    ]
+
+
+def texts_about(env: simcord.Env, job_id: int) -> list[str]:
+    """Return every message text the bot posted or edited in for ``job_id``, in order."""
+    texts = []
+    for request in env.http_requests:
+        json = request.json if isinstance(request.json, dict) else {}
+        content = json.get("content")
+        if request.method in ("POST", "PATCH") and content and f"#{job_id} ·" in content:
+            texts.append(content)
+    return texts
 
 
 def tiny_settings(tiny_models: TinyModels, data_dir: Path) -> Settings:

@@ -10,7 +10,6 @@ three times is failed with a message in its channel, and the queue goes on.
 from __future__ import annotations
 
 import os
-import re
 import signal
 
 import discord
@@ -19,11 +18,18 @@ import simcord
 
 from bot.client import create_bot
 from tests import simworld
-from tests.simworld import TINY_CONFIG, apply_guild_config, queued_job_id, tiny_settings
+from tests.simworld import (
+    RESUMED_RE,
+    TINY_CONFIG,
+    apply_guild_config,
+    final_messages,
+    queued_job_id,
+    texts_about,
+    tiny_settings,
+)
 
 pytestmark = pytest.mark.asyncio
 
-RESUMED_RE = re.compile(r"resumed at iteration (\d+)/(\d+)")
 
 
 async def wait_for(condition, what: str, timeout: float = 90.0):
@@ -56,25 +62,6 @@ async def imagine(member, channel, prompt: str) -> int:
 async def wait_state(bot, job_id: int, *states: str):
     """Call ``simworld.wait_state`` on ``bot``'s store with a timeout of 90 s."""
     return await simworld.wait_state(bot.store, job_id, *states, timeout=90.0)
-
-
-def texts_about(env: simcord.Env, job_id: int) -> list[str]:
-    """Return every message text the bot posted or edited in for ``job_id``, in order."""
-    texts = []
-    for request in env.http_requests:
-        json = request.json if isinstance(request.json, dict) else {}
-        content = json.get("content")
-        if request.method in ("POST", "PATCH") and content and f"#{job_id} ·" in content:
-            texts.append(content)
-    return texts
-
-
-def final_messages(channel: simcord.ChannelHandle, job_id: int) -> list[discord.Message]:
-    return [
-        message
-        for message in channel.history()
-        if message.embeds and message.embeds[0].footer.text == f"Job #{job_id}"
-    ]
 
 
 async def kill_worker_of(bot, job_id: int) -> int:
