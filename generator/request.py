@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from generator.prompts import MAX_PROMPTS, Prompt
+from generator.prompts import Prompt, PromptError, check_prompt_count
 
 # Bounds that catch typos. Memory is checked against the device in generate().
 MIN_SIDE = 16
@@ -157,11 +157,10 @@ class GenerationRequest:
             isinstance(p, Prompt) for p in self.prompts
         ):
             raise RequestError("prompts must be a list of Prompt objects (see parse_prompts).")
-        if len(self.prompts) > MAX_PROMPTS:
-            raise RequestError(
-                f"The request has {len(self.prompts)} prompts, but at most {MAX_PROMPTS} are "
-                "allowed: merge or remove some."
-            )
+        try:
+            check_prompt_count(self.prompts)
+        except PromptError as error:
+            raise RequestError(str(error)) from None
         for prompt in self.prompts:
             if not prompt.text.strip():
                 raise RequestError("A prompt has empty text: every prompt needs words.")
