@@ -133,7 +133,7 @@ class ExecutorInfo:
 def _may_download(settings: Settings) -> bool:
     """Return whether loading the configured models may download weights.
 
-    A registered VQGAN name or a CLIP tag (``ViT-B-32/openai``) may; local files do not.
+    A registered VQGAN name or a CLIP tag (``ViT-B-32/openai``) may, but local files do not.
     """
     if is_registered(settings.vqgan_model):
         return True

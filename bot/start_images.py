@@ -126,7 +126,7 @@ def _convert_to_png(data: bytes, filename: str, path: Path) -> None:
 
 
 async def remove_if_unused(store: JobStore, path: str | None) -> bool:
-    """Delete the start image at ``path`` unless a stored job names it; return whether it went.
+    """Delete the start image at ``path`` unless a stored job names it; return whether it did.
 
     A Re-roll that copies the path in the moment between the check and the deletion gets a
     job whose start image is missing, and that job fails with a message.
@@ -139,7 +139,7 @@ async def remove_if_unused(store: JobStore, path: str | None) -> bool:
 
 
 async def remove_unused(store: JobStore, directory: Path) -> int:
-    """Delete the files in ``directory`` that no stored job names; return how many went.
+    """Delete the files in ``directory`` that no stored job names; return how many it deleted.
 
     Meant for start-up, before the bot takes requests: a request being queued at the same
     time would lose its upload.

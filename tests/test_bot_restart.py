@@ -78,7 +78,7 @@ async def test_restart_resumes_jobs_and_keeps_buttons(tiny_models, tmp_path):
         await env.restart_bot(second_bot)
         store = second_bot.store
 
-        # The job resumes from its state, and its message says so. A "back at the front of the
+        # The job resumes from its state, and its message shows that. A "back at the front of the
         # queue" notice comes first, unless the job was running again before the bot was ready.
         await wait_for(
             lambda: any("resumed at iteration" in text for text in edits_of(env, running_message)),
